@@ -1,0 +1,30 @@
+"""fxmem: a torch.compile backend that cuts the activation memory of training.
+
+For each tensor the forward saves for the backward, fxmem decides, under a memory budget, to keep it,
+recompute it in the backward, or store it quantized::
+
+    step = torch.compile(model, backend="fxmem", options={"memory_budget": 0.4})
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fxmem.compiler import FxmemCompiler, backend, compile, fxmem_backend
+from fxmem.config import FxmemConfig
+from fxmem.report import GraphReport, TensorRow, clear_reports, reports
+
+__all__ = [
+    "__version__",
+    # compiling
+    "FxmemCompiler",
+    "FxmemConfig",
+    "backend",
+    "compile",
+    "fxmem_backend",
+    # inspecting
+    "GraphReport",
+    "TensorRow",
+    "clear_reports",
+    "reports",
+]

@@ -1,0 +1,136 @@
+"""Every private-torch import fxmem uses, in one place.
+
+These APIs move between releases. Supported: torch 2.11 to 2.14. When a release renames something,
+fix it here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch import partitioners as _partitioners
+from torch._functorch._aot_autograd.utils import _is_primal, _is_tangent
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import (
+    _extract_fwd_bwd_outputs,
+    _must_be_in_backward,
+    classify_nodes,
+    default_partition,
+    force_save_bw_mutation_src,
+    force_save_collectives,
+    force_save_effectful_ops,
+    min_cut_rematerialization_partition,
+)
+from torch._guards import detect_fake_mode
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.proxy_tensor import is_sym_node, make_fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.checkpoint import CheckpointPolicy
+
+__all__ = [
+    "CheckpointPolicy",
+    "CustomPartitionerFn",
+    "FakeTensor",
+    "StorageWeakRef",
+    "aot_autograd",
+    "classify_nodes",
+    "compile_fx",
+    "default_partition",
+    "detect_fake_mode",
+    "extract_fwd_bwd_modules",
+    "fwd_bwd_outputs",
+    "force_save",
+    "hint",
+    "is_primal",
+    "is_sym_node",
+    "is_tangent",
+    "make_boxed_func",
+    "make_fx",
+    "min_cut_rematerialization_partition",
+    "must_be_in_backward",
+    "symbolic_expr",
+    "trace_with_decompositions",
+]
+
+is_primal = _is_primal
+is_tangent = _is_tangent
+must_be_in_backward = _must_be_in_backward
+
+
+def aot_autograd(**kwargs: Any) -> Any:
+    from torch._dynamo.backends.common import aot_autograd as _aot_autograd
+
+    return _aot_autograd(**kwargs)
+
+
+def compile_fx(gm: fx.GraphModule, example_inputs: Any, config_patches: dict[str, Any]) -> Any:
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    return _compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def trace_with_decompositions(fn: Any, args: Any) -> fx.GraphModule:
+    """``make_fx`` with Inductor's decompositions, so traced code matches the joint graph's op set."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return make_fx(fn, decomposition_table=select_decomp_table())(*args)
+
+
+def force_save(joint_module: fx.GraphModule) -> None:
+    """Tag the nodes PyTorch's partitioners never recompute (collectives, effectful ops, backward
+    mutation sources) with ``MUST_SAVE``; fxmem honours the same tags."""
+    from torch._functorch import config as functorch_config
+
+    if not functorch_config.unsafe_allow_optimization_of_collectives:
+        force_save_collectives(joint_module)
+    force_save_effectful_ops(joint_module)
+    force_save_bw_mutation_src(joint_module)
+
+
+def fwd_bwd_outputs(joint_module: fx.GraphModule, num_fwd_outputs: int) -> tuple[list[Any], list[Any]]:
+    fwd_outputs, bwd_outputs, *_ = _extract_fwd_bwd_outputs(joint_module, num_fwd_outputs=num_fwd_outputs)
+    return list(fwd_outputs), list(bwd_outputs)
+
+
+_EXTRACT_PARAMS = inspect.signature(_partitioners._extract_fwd_bwd_modules).parameters
+
+
+def extract_fwd_bwd_modules(
+    joint_module: fx.GraphModule,
+    saved_values: list[fx.Node],
+    saved_sym_nodes: list[fx.Node],
+    *,
+    num_fwd_outputs: int,
+    static_lifetime_input_nodes: Any,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split the joint graph so that the forward saves exactly ``saved_values`` (torch 2.13 added
+    ``saved_opaque_nodes``; fxmem never saves opaque objects, so it passes none)."""
+    kwargs: dict[str, Any] = dict(
+        saved_sym_nodes=saved_sym_nodes,
+        num_fwd_outputs=num_fwd_outputs,
+        static_lifetime_input_nodes=static_lifetime_input_nodes,
+    )
+    if "saved_opaque_nodes" in _EXTRACT_PARAMS:
+        kwargs["saved_opaque_nodes"] = []
+    return _partitioners._extract_fwd_bwd_modules(joint_module, saved_values, **kwargs)
+
+
+def symbolic_expr(value: Any) -> Any:
+    """The sympy expression behind an int or SymInt (a plain int stays an int)."""
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    return int(value)
+
+
+def hint(value: Any) -> int:
+    """A concrete value for an int or SymInt: the size seen when the graph was traced."""
+    if isinstance(value, torch.SymInt):
+        node = value.node
+        if node.hint is not None:
+            return int(node.hint)
+        return int(node.shape_env.size_hint(node.expr))
+    return int(value)

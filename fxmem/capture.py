@@ -1,0 +1,276 @@
+"""Capture: fxmem's view of an AOTAutograd joint forward+backward graph.
+
+Which nodes are forward (computable from the primal inputs alone) and which are backward (they read a
+tangent, or are tagged to run there); which forward values the backward reads (the *required* nodes);
+and, per forward tensor, its shape (sympy under dynamic shapes), dtype, bytes, storage owner, op kind and
+FLOPs. Facts are also written to ``node.meta["fxmem"]``. Nothing here changes the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import flop_registry
+
+from fxmem import _compat
+
+RANDOM_TAG = torch.Tag.nondeterministic_seeded
+_MATMUL_OPS = {
+    "mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward",
+}  # fmt: skip
+_REDUCTION_OPS = {
+    "sum", "mean", "amax", "amin", "max", "min", "var", "var_mean", "std", "prod", "argmax", "argmin",
+    "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_functional", "_softmax",
+    "_log_softmax", "logsumexp", "native_group_norm", "_fused_rms_norm", "nll_loss_forward", "cumsum",
+}  # fmt: skip
+
+
+class UnsupportedGraph(Exception):
+    """The graph has something fxmem does not plan; the caller falls back to PyTorch's partitioner."""
+
+
+@dataclass
+class TensorFacts:
+    """What fxmem knows of one forward node's value."""
+
+    shape: tuple[Any, ...]  # ints or sympy expressions
+    shape_hint: tuple[int, ...]
+    stride_hint: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int  # at the traced sizes
+    nbytes_expr: Any  # sympy expression (or int) in the symbolic sizes
+    storage_owner: str  # the node that owns the storage (itself unless it is a view)
+    dense: bool  # non-overlapping and dense: safe to quantize through reshape
+
+
+@dataclass
+class NodeFacts:
+    name: str
+    kind: str  # input | param | view | getitem | pointwise | reduction | matmul | random | collective | other
+    tensor: TensorFacts | None
+    flops: float
+    bytes_moved: float
+    can_recompute: bool
+    can_save: bool
+    user_policy: str | None  # a torch.utils.checkpoint policy name, when the user annotated the node
+
+
+@dataclass
+class JointGraph:
+    gm: fx.GraphModule
+    num_fwd_outputs: int
+    forward: list[fx.Node]  # forward-computable nodes, graph order
+    backward: set[fx.Node]
+    required: list[fx.Node]  # forward nodes the backward reads
+    static_inputs: set[fx.Node]  # parameters and buffers
+    facts: dict[fx.Node, NodeFacts] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device | None:
+        for node in self.forward:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return val.device
+        return None
+
+    @property
+    def dynamic(self) -> bool:
+        return any(not isinstance(d, int) for f in self.facts.values() if f.tensor for d in f.tensor.shape)
+
+
+def _val(node: fx.Node) -> Any:
+    return node.meta.get("val", node.meta.get("tensor_meta"))
+
+
+def _is_multi_output(node: fx.Node) -> bool:
+    return bool(node.users) and all(u.target is operator.getitem for u in node.users)
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", getattr(target, "__name__", str(target)))
+
+
+def _tensor_facts(node: fx.Node, val: torch.Tensor, owner: str) -> TensorFacts:
+    shape = tuple(_compat.symbolic_expr(d) for d in val.shape)
+    shape_hint = tuple(_compat.hint(d) for d in val.shape)
+    stride_hint = tuple(_compat.hint(s) for s in val.stride())
+    numel_expr = sympy.Mul(*shape) if shape else sympy.Integer(1)
+    numel = 1
+    for d in shape_hint:
+        numel *= d
+    itemsize = val.dtype.itemsize
+    contiguous = _contiguous_strides(shape_hint)
+    # Dense: some permutation of the dims is contiguous (covers channels-last and transposes).
+    order = sorted(range(len(shape_hint)), key=lambda i: (stride_hint[i], shape_hint[i]))
+    expected, dense = 1, True
+    for i in order:
+        if shape_hint[i] != 1 and stride_hint[i] != expected:
+            dense = False
+        expected *= shape_hint[i]
+    return TensorFacts(
+        shape=shape,
+        shape_hint=shape_hint,
+        stride_hint=stride_hint if stride_hint != contiguous else contiguous,
+        dtype=val.dtype,
+        nbytes=numel * itemsize,
+        nbytes_expr=sympy.simplify(numel_expr * itemsize)
+        if not all(isinstance(d, int) for d in shape)
+        else numel * itemsize,
+        storage_owner=owner,
+        dense=dense,
+    )
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, running = [], 1
+    for d in reversed(shape):
+        strides.append(running)
+        running *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def _flops(node: fx.Node) -> float:
+    packet = getattr(node.target, "overloadpacket", None)
+    counter = flop_registry.get(packet)
+    if counter is None:
+        return 0.0
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    try:
+        return float(_compat.hint(counter(*args, **kwargs, out_val=node.meta.get("val"))))
+    except Exception:  # a counter that cannot read these arguments: count no FLOPs, keep going
+        return 0.0
+
+
+def _bytes_of(val: Any) -> float:
+    if isinstance(val, torch.Tensor):
+        numel = 1
+        for d in val.shape:
+            numel *= _compat.hint(d)
+        return float(numel * val.dtype.itemsize)
+    if isinstance(val, (list, tuple)):
+        return sum(_bytes_of(v) for v in val)
+    return 0.0
+
+
+def _classify(node: fx.Node, is_view: bool, static_inputs: set[fx.Node]) -> str:
+    if node.op == "placeholder":
+        return "param" if node in static_inputs else "input"
+    if node.op != "call_function":
+        return "other"
+    if node.target is operator.getitem:
+        return "getitem"
+    tags = getattr(node.target, "tags", ())
+    if RANDOM_TAG in tags:
+        return "random"
+    name = _op_name(node)
+    if is_view:
+        return "view"
+    if name in _MATMUL_OPS:
+        return "matmul"
+    if "_c10d_functional" in str(node.target):
+        return "collective"
+    if name in _REDUCTION_OPS:
+        return "reduction"
+    if torch.Tag.pointwise in tags or name in {
+        "clone",
+        "_to_copy",
+        "where",
+        "copy",
+        "fill",
+        "full",
+        "zeros_like",
+        "ones_like",
+        "empty",
+        "full_like",
+        "scalar_tensor",
+        "lift_fresh_copy",
+    }:
+        return "pointwise"
+    return "other"
+
+
+def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indices: list[int]) -> JointGraph:
+    graph = gm.graph
+    primals = [n for n in graph.nodes if n.op == "placeholder" and _compat.is_primal(n)]
+    static_inputs = {p for i, p in enumerate(primals) if i in set(static_lifetime_input_indices)}
+
+    backward: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "placeholder":
+            if not (_compat.is_primal(node) or "fwd_seed" in node.name or "fwd_base_offset" in node.name):
+                backward.add(node)
+        elif _compat.must_be_in_backward(node) or any(a in backward for a in node.all_input_nodes):
+            backward.add(node)
+    forward = [n for n in graph.nodes if n.op != "output" and n not in backward]
+    forward_set = set(forward)
+
+    _, bwd_outputs = _compat.fwd_bwd_outputs(gm, num_fwd_outputs)
+    required: dict[fx.Node, None] = {}
+    for node in graph.nodes:
+        if node in backward:
+            for arg in node.all_input_nodes:
+                if arg in forward_set:
+                    required[arg] = None
+    for out in bwd_outputs:
+        if isinstance(out, fx.Node) and out in forward_set:
+            required[out] = None
+
+    joint = JointGraph(gm, num_fwd_outputs, forward, backward, list(required), static_inputs)
+    owners: dict[Any, str] = {}
+    for node in forward:
+        joint.facts[node] = _node_facts(node, static_inputs, owners)
+        node.meta["fxmem"] = joint.facts[node]
+    return joint
+
+
+def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, str]) -> NodeFacts:
+    val = _val(node)
+    tensor = None
+    is_view = False
+    if isinstance(val, torch.Tensor) and node.op in ("placeholder", "call_function", "get_attr"):
+        try:
+            key = _compat.StorageWeakRef(val.untyped_storage())
+        except Exception:  # tensors without storage (e.g. sparse): treat as owning themselves
+            key = node.name
+        is_view = key in owners and node.op == "call_function"
+        owner = owners.setdefault(key, node.name)
+        tensor = _tensor_facts(node, val, owner)
+    kind = _classify(node, is_view, static_inputs)
+    policy = node.meta.get("recompute")
+    policy_name = getattr(policy, "name", None)
+    is_sym = _compat.is_sym_node(node)
+    impure = node.op == "call_function" and node.is_impure() and kind != "random"
+    can_recompute = node.op in ("call_function", "get_attr") and kind not in ("random", "collective") and not impure
+    if policy_name == "MUST_SAVE":
+        can_recompute = False
+    # Views are recomputed from their base: saving one holds the base's whole storage anyway.
+    can_save = (
+        tensor is not None and not _is_multi_output(node) and not is_sym and (kind != "view" or not can_recompute)
+    )
+    if policy_name == "MUST_RECOMPUTE" and can_recompute:
+        can_save = False
+    if node.op == "call_function" and not is_sym and tensor is None and not isinstance(val, (list, tuple)):
+        if node.users:
+            raise UnsupportedGraph(f"node {node.name} ({_op_name(node)}) has no tensor metadata")
+    args_vals = [a.meta.get("val") for a in node.all_input_nodes]
+    return NodeFacts(
+        name=node.name,
+        kind=kind,
+        tensor=tensor,
+        flops=_flops(node) if node.op == "call_function" else 0.0,
+        bytes_moved=_bytes_of(val) + sum(_bytes_of(v) for v in args_vals),
+        can_recompute=can_recompute,
+        can_save=can_save,
+        user_policy=policy_name,
+    )

@@ -1,0 +1,172 @@
+"""The partition hook: capture → cost → solve → rewrite, with a fallback to PyTorch's partitioner.
+
+``FxmemPartitioner`` is what Inductor calls through ``custom_partitioner_fn`` (and what the eager codegen
+hands to AOTAutograd as ``partition_fn``). Each call plans one joint graph and appends a ``GraphReport``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+
+from fxmem import _compat
+from fxmem.capture import UnsupportedGraph, capture
+from fxmem.config import FxmemConfig
+from fxmem.cost import get_cost_model, resolve_profile
+from fxmem.planner import build_problem
+from fxmem.report import GraphReport, held_bytes, record_report, tensor_rows
+from fxmem.rewrite import split
+from fxmem.solve import get_solver
+
+log = logging.getLogger(__name__)
+_graph_ids = itertools.count()
+
+
+class InfeasibleBudget(ValueError):
+    """No plan meets the memory budget (raised unless ``on_infeasible="best_effort"``)."""
+
+
+def _source_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class FxmemPartitioner(_compat.CustomPartitionerFn):
+    """Partitions a joint graph by fxmem's plan. ``uuid()`` covers every option and fxmem's source, so
+    Inductor's caches never serve a plan made under other options."""
+
+    def __init__(self, config: FxmemConfig, on_report: Callable[[GraphReport], None] | None = None):
+        self.config = config
+        self.on_report = on_report
+
+    def uuid(self) -> str:
+        return hashlib.sha256(f"{self.config.cache_key()}|{_source_hash()}".encode()).hexdigest()
+
+    def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
+        return partition(gm, joint_inputs, self.config, on_report=self.on_report, **kwargs)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    with warnings.catch_warnings():  # deep-copying the output's pytree spec warns on some torch versions
+        warnings.simplefilter("ignore", FutureWarning)
+        return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def _saved_vals(fw: fx.GraphModule, num_fwd_outputs: int) -> list[Any]:
+    (out,) = fw.graph.find_nodes(op="output")
+    return [n.meta.get("val") for n in out.args[0][num_fwd_outputs:] if isinstance(n, fx.Node)]
+
+
+def _static_vals(gm: fx.GraphModule, static_indices: Sequence[int]) -> list[Any]:
+    primals = [n for n in gm.graph.find_nodes(op="placeholder") if _compat.is_primal(n)]
+    return [p.meta.get("val") for i, p in enumerate(primals) if i in set(static_indices)]
+
+
+def reference_saved_bytes(
+    gm: fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int, static_indices: Sequence[int]
+) -> int | None:
+    """What torch.compile's default partitioner would save, in bytes (parameters excluded)."""
+    try:
+        fw, _ = _compat.min_cut_rematerialization_partition(
+            _copy(gm),
+            joint_inputs,
+            compiler="inductor",
+            num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=list(static_indices),
+        )
+    except Exception as err:  # the reference is advisory; planning goes on without it
+        log.info("fxmem: could not compute the default partitioner's plan: %s", err)
+        return None
+    return held_bytes(_saved_vals(fw, num_fwd_outputs), _static_vals(gm, static_indices))
+
+
+def partition(
+    gm: fx.GraphModule,
+    joint_inputs: Sequence[object],
+    config: FxmemConfig,
+    *,
+    num_fwd_outputs: int,
+    static_lifetime_input_indices: Sequence[int] | None = None,
+    on_report: Callable[[GraphReport], None] | None = None,
+    **kwargs: Any,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    graph_id = next(_graph_ids)
+    static = list(static_lifetime_input_indices or [])
+    report = GraphReport(graph_id=graph_id, options=config.as_dict())
+    started = time.perf_counter()
+    reference = reference_saved_bytes(gm, joint_inputs, num_fwd_outputs, static)
+    report.add_pass("reference", started, f"torch.compile's default saves {reference} bytes")
+    report.reference_saved_bytes = reference
+    try:
+        fw, bw = _plan_and_split(_copy(gm), num_fwd_outputs, static, config, reference, report)
+    except InfeasibleBudget:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of fxmem's own must not cost the user a compile
+        reason = f"{type(err).__name__}: {err}" if not isinstance(err, UnsupportedGraph) else str(err)
+        log.warning("fxmem: graph %d falls back to PyTorch's partitioner: %s", graph_id, reason)
+        report.fallback_reason = reason
+        fw, bw = _compat.min_cut_rematerialization_partition(
+            gm, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=static,
+        )  # fmt: skip
+        report.predicted_saved_bytes = held_bytes(_saved_vals(fw, num_fwd_outputs), _static_vals(gm, static))
+    report.partition_time_s = time.perf_counter() - started
+    record_report(report, on_report)
+    return fw, bw
+
+
+def _plan_and_split(
+    gm: fx.GraphModule,
+    num_fwd_outputs: int,
+    static: list[int],
+    config: FxmemConfig,
+    reference: int | None,
+    report: GraphReport,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    t = time.perf_counter()
+    _compat.force_save(gm)
+    joint = capture(gm, num_fwd_outputs, static)
+    report.add_pass("capture", t, f"{len(joint.forward)} forward nodes, {len(joint.required)} read by the backward")
+
+    t = time.perf_counter()
+    profile = resolve_profile(config.device, joint.device)
+    cost = get_cost_model(config.cost_model, profile)
+    inputs = build_problem(joint, config, cost, reference)
+    report.device_profile = profile.name
+    report.estimated_step_s = inputs.step_s
+    report.add_pass("cost", t, f"{len(inputs.problem.nodes)} solver nodes on the {profile.name} profile")
+
+    t = time.perf_counter()
+    plan = get_solver(config.solver)(inputs.problem, formats=inputs.formats, bits=inputs.bits)
+    report.plan = plan
+    report.budget_bytes = inputs.problem.budget_bytes
+    report.add_pass(
+        "solve", t, f"{plan.solver}: keep {len(plan.saved) - len(plan.quantized)}, quantize {len(plan.quantized)}, "
+        f"recompute {len(plan.recomputed)}; {plan.saved_bytes} bytes held",
+    )  # fmt: skip
+    if not plan.feasible:
+        message = (
+            f"memory_budget {config.memory_budget!r} cannot be met for graph {report.graph_id}: the smallest plan "
+            f"fxmem found holds {plan.saved_bytes} bytes of activations (budget {inputs.problem.budget_bytes:.0f})"
+        )
+        if config.on_infeasible == "error":
+            raise InfeasibleBudget(message + "; pass on_infeasible='best_effort' to run with that plan")
+        log.warning("fxmem: %s; running with it (on_infeasible='best_effort')", message)
+
+    t = time.perf_counter()
+    fw, bw, saved = split(joint, plan, inputs.codecs)
+    report.predicted_saved_bytes = held_bytes([n.meta.get("val") for n in saved], _static_vals(gm, static))
+    report.rows = tensor_rows(joint, plan, inputs)
+    report.add_pass("rewrite", t, f"forward saves {len(saved)} tensors; {len(plan.recomputed)} nodes recomputed")
+    return fw, bw

@@ -1,0 +1,111 @@
+"""From a captured joint graph to a solver ``Problem``, and from quantizer names to graph codecs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from fxmem import _compat
+from fxmem.capture import JointGraph
+from fxmem.config import FxmemConfig
+from fxmem.cost import CostModel
+from fxmem.quant import get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
+from fxmem.rewrite import Codec
+from fxmem.solve import Problem, QuantOption, SolverNode
+
+log = logging.getLogger(__name__)
+
+BITMASK = "bitmask"  # lossless: a saved bool tensor stored as 1 bit per element
+# Below this many elements the scales and the extra kernels cost more than quantizing saves.
+MIN_QUANT_NUMEL = 256
+# With no budget, fxmem may add this fraction of the estimated step time.
+DEFAULT_MAX_OVERHEAD = 0.02
+# The backward costs about twice the forward.
+STEP_OVER_FORWARD = 3.0
+
+
+@dataclass
+class PlanningInputs:
+    problem: Problem
+    formats: tuple[str, ...]
+    bits: dict[str, int]
+    codecs: dict[str, Codec]
+    step_s: float  # estimated time of a training step on the profile
+    node_time_s: dict[str, float]  # each forward node's own estimated time
+
+
+def make_codec(fmt: str, config: FxmemConfig) -> Codec:
+    if fmt == BITMASK:
+        return Codec(BITMASK, lambda x: (pack_bool(x),), lambda p, like: unpack_bool(p[0], like.shape, like.stride()))
+    quantizer = get_quantizer(fmt, group_size=config.group_size, stochastic=config.stochastic_rounding)
+    return Codec(
+        fmt,
+        lambda x: tuple(quantizer.quantize(x)),
+        lambda p, like: quantizer.dequantize(p, like.shape, like.dtype, like.stride()),
+    )
+
+
+def build_problem(
+    joint: JointGraph, config: FxmemConfig, cost: CostModel, reference_bytes: int | None
+) -> PlanningInputs:
+    formats = config.quant_formats
+    if formats and joint.dynamic:
+        log.warning("fxmem: quantization is not yet supported with dynamic shapes; keeping tensors unquantized")
+        formats = ()
+    quantizers = {fmt: get_quantizer(fmt, group_size=config.group_size) for fmt in formats}
+    bits = {fmt: q.bits for fmt, q in quantizers.items()}
+    bits[BITMASK] = 8  # lossless: admitted with the widest tier
+    owners_static = {n.name for n in joint.static_inputs}
+    required = set(joint.required)
+    nodes: list[SolverNode] = []
+    node_time: dict[str, float] = {}
+    known: set[str] = set()
+    for node in joint.forward:
+        facts = joint.facts[node]
+        if _compat.is_sym_node(node):
+            continue
+        tensor = facts.tensor
+        dtype = tensor.dtype if tensor else None
+        own = cost.node_time(facts.flops, facts.bytes_moved, dtype)
+        node_time[node.name] = own
+        held = 0 if tensor is None or tensor.storage_owner in owners_static else tensor.nbytes
+        can_recompute = facts.can_recompute and (config.recompute or facts.kind in ("view", "getitem"))
+        options: list[QuantOption] = []
+        if tensor is not None and held > 0 and tensor.dense and facts.kind != "view":
+            numel = tensor.nbytes // tensor.dtype.itemsize
+            if tensor.dtype == torch.bool:
+                options.append(QuantOption(BITMASK, packed_bool_bytes(numel), cost.quant_time(held, numel // 8)))
+            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and not joint.dynamic:
+                for fmt, q in quantizers.items():
+                    stored = q.stored_bytes(numel, tensor.dtype)
+                    options.append(QuantOption(fmt, stored, cost.quant_time(held, stored)))
+        nodes.append(
+            SolverNode(
+                name=node.name,
+                inputs=tuple(a.name for a in node.all_input_nodes if a.name in known),
+                save_bytes=held,
+                recompute_s=cost.recompute_time(facts.kind, own),
+                can_save=facts.can_save,
+                can_recompute=can_recompute,
+                required=node in required,
+                quant_options=tuple(options),
+                kind=facts.kind,
+            )
+        )
+        known.add(node.name)
+    step_s = STEP_OVER_FORWARD * sum(node_time.values())
+    problem = Problem(nodes)
+    budget = config.memory_budget
+    if budget is None:
+        problem.max_added_s = DEFAULT_MAX_OVERHEAD * step_s
+    elif isinstance(budget, float):
+        if reference_bytes is None:
+            raise ValueError("a fractional memory_budget needs torch.compile's default plan, which failed")
+        problem.budget_bytes = budget * reference_bytes
+    else:
+        problem.budget_bytes = float(budget)
+    all_formats = tuple(formats) + (BITMASK,)
+    codecs = {fmt: make_codec(fmt, config) for fmt in all_formats}
+    return PlanningInputs(problem, all_formats, bits, codecs, step_s, node_time)

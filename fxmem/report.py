@@ -1,0 +1,175 @@
+"""What fxmem decided for each compiled graph, and why: the records the inspection tools read."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fxmem import _compat
+
+if TYPE_CHECKING:
+    from fxmem.capture import JointGraph
+    from fxmem.planner import PlanningInputs
+    from fxmem.solve import Plan
+
+log = logging.getLogger("fxmem")
+_REPORTS: list[GraphReport] = []
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    summary: str
+
+
+@dataclass
+class TensorRow:
+    """One tensor the backward reads, and what fxmem does with it."""
+
+    name: str
+    op: str
+    kind: str
+    shape: tuple[Any, ...]
+    dtype: str
+    bytes: int
+    bytes_formula: str
+    decision: str  # keep | recompute | quantize
+    fmt: str | None
+    stored_bytes: int
+    est_time_s: float
+    reason: str
+
+
+@dataclass
+class GraphReport:
+    graph_id: int
+    options: dict[str, Any]
+    rows: list[TensorRow] = field(default_factory=list)
+    plan: Plan | None = None
+    predicted_saved_bytes: int | None = None
+    reference_saved_bytes: int | None = None
+    budget_bytes: float | None = None
+    device_profile: str | None = None
+    estimated_step_s: float | None = None
+    partition_time_s: float = 0.0
+    fallback_reason: str | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+
+    def add_pass(self, name: str, started: float, summary: str) -> None:
+        self.passes.append(PassRecord(name, time.perf_counter() - started, summary))
+
+    @property
+    def estimated_overhead(self) -> float | None:
+        if self.plan is None or not self.estimated_step_s:
+            return None
+        return self.plan.added_s / self.estimated_step_s
+
+    def summary(self) -> str:
+        if self.fallback_reason:
+            return f"graph {self.graph_id}: PyTorch's partitioner ({self.fallback_reason})"
+        overhead = self.estimated_overhead
+        overhead_text = "?" if overhead is None else f"{overhead * 100:.1f}%"
+        return (
+            f"graph {self.graph_id}: saved activations {_mib(self.reference_saved_bytes)} (torch.compile) -> "
+            f"{_mib(self.predicted_saved_bytes)} (fxmem), est. overhead {overhead_text}"
+        )
+
+
+def _mib(value: int | None) -> str:
+    return "?" if value is None else f"{value / 2**20:.2f} MiB"
+
+
+def held_bytes(vals: Iterable[Any], static_vals: Iterable[Any]) -> int:
+    """Bytes of the distinct storages among ``vals``, leaving out those of parameters and buffers:
+    what ``torch.autograd.graph.saved_tensors_hooks`` sees the forward save."""
+    static = set()
+    for val in static_vals:
+        if isinstance(val, torch.Tensor):
+            static.add(_compat.StorageWeakRef(val.untyped_storage()))
+    seen, total = set(), 0
+    for val in vals:
+        if not isinstance(val, torch.Tensor):
+            continue
+        key = _compat.StorageWeakRef(val.untyped_storage())
+        if key in static or key in seen:
+            continue
+        seen.add(key)
+        total += _compat.hint(val.untyped_storage().nbytes())
+    return total
+
+
+def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[TensorRow]:
+    by_name = {n.name: n for n in inputs.problem.nodes}
+    rows = []
+    for node in joint.forward:
+        if node.name not in plan.saved and node.name not in plan.recomputed:
+            continue
+        if node not in joint.required and node.name not in plan.saved:
+            continue  # an intermediate of a recomputation: not a tensor the backward reads
+        facts = joint.facts[node]
+        tensor = facts.tensor
+        solver_node = by_name[node.name]
+        decision = plan.decision(node.name)
+        stored = 0
+        if decision.kind == "keep":
+            stored = solver_node.save_bytes
+        elif decision.kind == "quantize":
+            stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
+        reason = _reason(decision.kind, facts.kind, solver_node, decision.fmt)
+        rows.append(
+            TensorRow(
+                name=node.name,
+                op=str(node.target),
+                kind=facts.kind,
+                shape=tuple(str(d) for d in tensor.shape) if tensor else (),
+                dtype=str(tensor.dtype).removeprefix("torch.") if tensor else "-",
+                bytes=tensor.nbytes if tensor else 0,
+                bytes_formula=str(tensor.nbytes_expr) if tensor else "0",
+                decision=decision.kind,
+                fmt=decision.fmt,
+                stored_bytes=stored,
+                est_time_s=solver_node.recompute_s
+                if decision.kind == "recompute"
+                else _quant_time(solver_node, decision.fmt),
+                reason=reason,
+            )
+        )
+    return rows
+
+
+def _quant_time(node: Any, fmt: str | None) -> float:
+    return next((o.added_s for o in node.quant_options if o.fmt == fmt), 0.0)
+
+
+def _reason(decision: str, kind: str, node: Any, fmt: str | None) -> str:
+    if decision == "recompute":
+        return f"{kind} op: recomputing costs less than holding {node.save_bytes} bytes"
+    if decision == "quantize":
+        return f"stored as {fmt}: the cheapest way to hold it under the budget"
+    if node.save_bytes == 0:
+        return "a parameter or buffer: holding it costs nothing"
+    if not node.can_recompute:
+        return f"{kind} op: cannot be recomputed (random, impure, an input, or recompute=False)"
+    return "recomputing it would cost more time than the budget allows"
+
+
+def record_report(report: GraphReport, on_report: Callable[[GraphReport], None] | None) -> None:
+    _REPORTS.append(report)
+    log.info("fxmem: %s", report.summary())
+    if on_report is not None:
+        on_report(report)
+
+
+def reports() -> list[GraphReport]:
+    """The reports of every graph fxmem planned in this process, oldest first."""
+    return list(_REPORTS)
+
+
+def clear_reports() -> None:
+    _REPORTS.clear()

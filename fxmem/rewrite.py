@@ -1,0 +1,171 @@
+"""Rewrite: from a Plan, the forward and backward graphs.
+
+The forward saves exactly the plan's saved nodes; a quantized node is replaced, for its backward readers
+only, by quantize nodes in the forward (whose payload is saved) and dequantize nodes in the backward.
+Every node the backward recomputes, and every dequantize, is placed right before its first use, so the
+backward's transient memory stays small. The joint graph passed in is a private copy: this module
+mutates it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from fxmem import _compat
+from fxmem.capture import JointGraph, UnsupportedGraph
+from fxmem.solve import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A storage format as graph code: ``encode(x) -> payload``, ``decode(payload, like) -> x``."""
+
+    name: str
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    decode: Callable[[tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
+
+
+def _trace(fn: Callable[..., object], args: Sequence[torch.Tensor]) -> fx.GraphModule:
+    fake_mode = _compat.detect_fake_mode(args)
+    if fake_mode is None:
+        raise UnsupportedGraph("a quantized tensor has no fake value to trace its codec with")
+    with fake_mode:
+        return _compat.trace_with_decompositions(fn, args)
+
+
+def _inline(graph: fx.Graph, traced: fx.GraphModule, inputs: Sequence[fx.Node], after: fx.Node) -> list[fx.Node]:
+    """Copy ``traced``'s nodes into ``graph`` after ``after``; returns the nodes standing for its outputs."""
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    env.update(zip(placeholders, inputs, strict=True))
+    anchor = after
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            outputs = fx.node.map_arg(node.args[0], env.__getitem__)
+            return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        if node.op != "call_function":
+            raise UnsupportedGraph(f"codec graph has a {node.op} node ({node.name}); codecs must use plain ops")
+        with graph.inserting_after(anchor):
+            new = graph.node_copy(node, env.__getitem__)
+        new.meta = dict(node.meta)
+        env[node] = anchor = new
+    raise AssertionError("traced codec graph has no output")
+
+
+def _insert_codec(joint: JointGraph, node: fx.Node, codec: Codec, readers: list[fx.Node]) -> list[fx.Node]:
+    """Quantize ``node`` after it is computed; let ``readers`` read its dequantized copy instead."""
+    graph = joint.gm.graph
+    val = node.meta["val"]
+    encoded = _trace(lambda x: tuple(codec.encode(x)), [val])
+    payload = _inline(graph, encoded, [node], node)
+    payload_vals = [p.meta["val"] for p in payload]
+    decoded = _trace(lambda *p: codec.decode(tuple(p), val), payload_vals)
+    (restored,) = _inline(graph, decoded, payload, payload[-1])
+    for reader in readers:
+        reader.replace_input_with(node, restored)
+    return payload
+
+
+def _backward_readers(joint: JointGraph, node: fx.Node, recomputed: set[fx.Node]) -> list[fx.Node]:
+    return [u for u in node.users if u in joint.backward or u in recomputed]
+
+
+def split(
+    joint: JointGraph, plan: Plan, codecs: dict[str, Codec]
+) -> tuple[fx.GraphModule, fx.GraphModule, list[fx.Node]]:
+    """The forward and backward modules for ``plan``, and the tensors the forward saves."""
+    by_name = {n.name: n for n in joint.forward}
+    recomputed = {by_name[name] for name in plan.recomputed}
+    saved: list[fx.Node] = []
+    for node in joint.forward:  # graph order keeps the saved list stable
+        if node.name not in plan.saved:
+            continue
+        fmt = plan.saved[node.name]
+        if fmt is None:
+            saved.append(node)
+        else:
+            saved.extend(_insert_codec(joint, node, codecs[fmt], _backward_readers(joint, node, recomputed)))
+
+    forward = set(joint.forward)
+    readers = joint.backward | recomputed
+    saved_sym = list(
+        dict.fromkeys(
+            arg for reader in joint.gm.graph.nodes if reader in readers
+            for arg in reader.all_input_nodes if arg in forward and _compat.is_sym_node(arg)
+        )
+    )  # fmt: skip
+    saved_sym += [n for n in joint.required if _compat.is_sym_node(n) and n not in saved_sym]
+    fw, bw = _compat.extract_fwd_bwd_modules(
+        joint.gm,
+        saved,
+        saved_sym,
+        num_fwd_outputs=joint.num_fwd_outputs,
+        static_lifetime_input_nodes=joint.static_inputs,
+    )
+    _check_backward_inputs(bw, saved, saved_sym)
+    bw = place_recompute_late(bw)
+    for gm in (fw, bw):
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return fw, bw, saved
+
+
+def _check_backward_inputs(bw: fx.GraphModule, saved: list[fx.Node], saved_sym: list[fx.Node]) -> None:
+    allowed = {n.name for n in saved} | {n.name for n in saved_sym}
+    for node in bw.graph.find_nodes(op="placeholder"):
+        if node.name in allowed or _compat.is_tangent(node) or "seed" in node.name or "offset" in node.name:
+            continue
+        if "backward_state" in node.name or node.name.startswith("primals"):
+            # A primal the backward reads must have been saved; anything else is a plan we cannot run.
+            if node.name.startswith("primals"):
+                raise UnsupportedGraph(f"the backward reads input {node.name} that the plan does not save")
+            continue
+        raise UnsupportedGraph(f"the backward reads {node.name}, which the plan neither saves nor recomputes")
+
+
+def place_recompute_late(gm: fx.GraphModule) -> fx.GraphModule:
+    """Reorder a backward graph so that every node not reading a tangent (recomputation, dequantize)
+    runs right before its first user, instead of all at the start."""
+    graph = gm.graph
+    driven: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if _compat.is_tangent(node):
+                driven.add(node)
+        elif any(a in driven for a in node.all_input_nodes):
+            driven.add(node)
+    new_graph = fx.Graph(owning_module=gm)
+    new_graph._codegen = graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+
+    def emit(root: fx.Node) -> None:
+        stack = [root]
+        while stack:
+            node = stack[-1]
+            if node in env:
+                stack.pop()
+                continue
+            pending = [a for a in node.all_input_nodes if a not in env]
+            if pending:
+                stack.extend(reversed(pending))
+                continue
+            env[node] = new_graph.node_copy(node, env.__getitem__)
+            stack.pop()
+
+    for node in graph.find_nodes(op="placeholder"):
+        emit(node)
+    for node in graph.nodes:
+        if node in driven or node.op == "output" or (node.op == "call_function" and node.is_impure()):
+            emit(node)
+    gm.graph = new_graph
+    return gm

@@ -1,0 +1,133 @@
+"""The default solver: a Lagrangian min-cut over keep / recompute / quantize, searched on its price.
+
+For a price ``lam`` (bytes per second of added time) one s-t min-cut finds the plan minimising
+``held bytes + lam * added seconds`` exactly: each node is split into ``in -> out`` whose capacity is
+the cheapest way to hold it (full precision, or a quantized format plus ``lam`` times its quantize and
+dequantize time); recomputing a node cuts ``source -> in``, priced ``lam`` times its recompute time.
+Held bytes fall as ``lam`` falls, so a bisection on ``lam`` meets a byte budget with the least added
+time, or a time budget with the fewest bytes. Quantized formats are admitted in tiers, widest first, so
+a budget that 8 bits meet never gets 4.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import networkx as nx
+
+from fxmem.solve.problem import Plan, Problem, SolverNode, make_plan
+from fxmem.solve.registry import register_solver
+
+_SOURCE, _SINK = "__source__", "__sink__"
+_LAM_LO, _LAM_HI = 1e-2, 1e16
+_ITERATIONS = 28
+
+
+def _save_capacity(node: SolverNode, lam: float, formats: frozenset[str]) -> tuple[float, str | None]:
+    best, best_fmt = float(node.save_bytes), None
+    for option in node.quant_options:
+        if option.fmt in formats:
+            cost = option.stored_bytes + lam * option.added_s
+            if cost < best:
+                best, best_fmt = cost, option.fmt
+    return best, best_fmt
+
+
+def cut(problem: Problem, lam: float, formats: frozenset[str], needed: set[str]) -> dict[str, str | None]:
+    """The saved set (with formats) minimising held bytes + ``lam`` * added seconds."""
+    graph = nx.DiGraph()
+    graph.add_node(_SOURCE)
+    graph.add_node(_SINK)
+    chosen_fmt: dict[str, str | None] = {}
+    for node in problem.nodes:
+        if node.name not in needed:
+            continue
+        v_in, v_out = (node.name, "in"), (node.name, "out")
+        if node.can_save:
+            capacity, chosen_fmt[node.name] = _save_capacity(node, lam, formats)
+            graph.add_edge(v_in, v_out, capacity=capacity)
+        else:
+            graph.add_edge(v_in, v_out)  # no capacity attribute: infinite
+        if not node.can_recompute:
+            graph.add_edge(_SOURCE, v_in)
+        elif node.recompute_s > 0:
+            graph.add_edge(_SOURCE, v_in, capacity=lam * node.recompute_s)
+        if node.required:
+            graph.add_edge(v_out, _SINK)
+        for name in node.inputs:
+            graph.add_edge((name, "out"), v_in)
+    try:
+        _, (source_side, _) = nx.minimum_cut(graph, _SOURCE, _SINK)
+    except nx.NetworkXUnbounded as err:
+        raise ValueError("no plan exists: a node the backward needs can be neither saved nor recomputed") from err
+    return {
+        name: fmt
+        for name, fmt in chosen_fmt.items()
+        if (name, "in") in source_side and (name, "out") not in source_side
+    }
+
+
+def _format_tiers(formats: tuple[str, ...], bits: dict[str, int]) -> list[frozenset[str]]:
+    """Admit formats widest first: {8-bit}, then {8, 4}, then {8, 4, 2}."""
+    tiers: list[frozenset[str]] = [frozenset()]
+    for width in sorted({bits[f] for f in formats}, reverse=True):
+        tiers.append(frozenset(f for f in formats if bits[f] >= width))
+    return tiers
+
+
+@register_solver("mincut")
+def solve_mincut(problem: Problem, formats: tuple[str, ...] = (), bits: dict[str, int] | None = None) -> Plan:
+    """Meet ``problem.budget_bytes`` with the least added time, or, with no byte budget, hold the fewest
+    bytes whose added time stays within ``problem.max_added_s``."""
+    started = time.perf_counter()
+    bits = bits or {f: 8 for f in formats}
+    needed = problem.needed()
+    tiers = _format_tiers(formats, bits)
+    if problem.budget_bytes is None:
+        # A time budget: quantize only with the widest formats, and only where the time allows.
+        saved, lam = _search(problem, tiers[1] if len(tiers) > 1 else tiers[0], needed, by_time=True)
+        notes = [f"price {lam:.3g} B/s"]
+        return make_plan(problem, saved, solver="mincut", solve_time_s=time.perf_counter() - started, notes=notes)
+    plan = None
+    for tier in tiers:
+        saved, lam = _search(problem, tier, needed, by_time=False)
+        plan = make_plan(problem, saved, solver="mincut", solve_time_s=0.0, notes=[f"price {lam:.3g} B/s"])
+        if plan.feasible:
+            break
+    assert plan is not None
+    plan.solve_time_s = time.perf_counter() - started
+    return plan
+
+
+def _search(problem: Problem, formats: frozenset[str], needed: set[str], *, by_time: bool) -> tuple[dict, float]:
+    """Bisect the price on a log scale. ``by_time``: the smallest price whose plan keeps the added time
+    within ``max_added_s``; otherwise the largest price whose plan holds at most ``budget_bytes``."""
+
+    def ok(saved: dict[str, str | None]) -> bool:
+        plan = make_plan(problem, saved, solver="mincut", solve_time_s=0.0)
+        if by_time:
+            limit = problem.max_added_s
+            return limit is None or math.isinf(limit) or plan.added_s <= limit
+        return plan.saved_bytes <= problem.budget_bytes
+
+    lo, hi = math.log(_LAM_LO), math.log(_LAM_HI)
+    # by_time: ok(hi) holds, find the smallest ok; by bytes: ok(lo) should hold, find the largest ok.
+    good_lam = _LAM_HI if by_time else _LAM_LO
+    good = cut(problem, good_lam, formats, needed)
+    if not ok(good):
+        return good, good_lam
+    for _ in range(_ITERATIONS):
+        mid = (lo + hi) / 2
+        saved = cut(problem, math.exp(mid), formats, needed)
+        if ok(saved):
+            good, good_lam = saved, math.exp(mid)
+            if by_time:
+                hi = mid
+            else:
+                lo = mid
+        elif by_time:
+            lo = mid
+        else:
+            hi = mid
+    return good, good_lam
