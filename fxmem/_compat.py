@@ -45,6 +45,7 @@ __all__ = [
     "fwd_bwd_outputs",
     "force_save",
     "hint",
+    "inductor_layout_opt",
     "is_primal",
     "is_sym_node",
     "is_tangent",
@@ -78,6 +79,16 @@ def trace_with_decompositions(fn: Any, args: Any) -> fx.GraphModule:
     from torch._inductor.decomposition import select_decomp_table
 
     return make_fx(fn, decomposition_table=select_decomp_table())(*args)
+
+
+def inductor_layout_opt(fw: fx.GraphModule) -> bool:
+    """Whether Inductor's heuristic turns on layout optimization (channels-last convs) for ``fw``."""
+    from torch._inductor.graph import GraphLowering
+
+    try:
+        return bool(GraphLowering.decide_layout_opt(fw, is_inference=False))
+    except Exception:  # the heuristic reads metadata a rewritten graph may lack: assume off
+        return False
 
 
 def force_save(joint_module: fx.GraphModule) -> None:

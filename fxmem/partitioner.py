@@ -22,8 +22,9 @@ from fxmem import _compat
 from fxmem.capture import UnsupportedGraph, capture
 from fxmem.config import FxmemConfig
 from fxmem.cost import get_cost_model, resolve_profile
+from fxmem.memory import predicted_saved_bytes, static_vals
 from fxmem.planner import build_problem
-from fxmem.report import GraphReport, held_bytes, record_report, tensor_rows
+from fxmem.report import GraphReport, record_report, tensor_rows
 from fxmem.rewrite import split
 from fxmem.solve import get_solver
 
@@ -63,18 +64,12 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
         return fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
-def _saved_vals(fw: fx.GraphModule, num_fwd_outputs: int) -> list[Any]:
-    (out,) = fw.graph.find_nodes(op="output")
-    return [n.meta.get("val") for n in out.args[0][num_fwd_outputs:] if isinstance(n, fx.Node)]
-
-
-def _static_vals(gm: fx.GraphModule, static_indices: Sequence[int]) -> list[Any]:
-    primals = [n for n in gm.graph.find_nodes(op="placeholder") if _compat.is_primal(n)]
-    return [p.meta.get("val") for i, p in enumerate(primals) if i in set(static_indices)]
-
-
 def reference_saved_bytes(
-    gm: fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int, static_indices: Sequence[int]
+    gm: fx.GraphModule,
+    joint_inputs: Sequence[object],
+    num_fwd_outputs: int,
+    static_indices: Sequence[int],
+    codegen: str,
 ) -> int | None:
     """What torch.compile's default partitioner would save, in bytes (parameters excluded)."""
     try:
@@ -88,7 +83,7 @@ def reference_saved_bytes(
     except Exception as err:  # the reference is advisory; planning goes on without it
         log.info("fxmem: could not compute the default partitioner's plan: %s", err)
         return None
-    return held_bytes(_saved_vals(fw, num_fwd_outputs), _static_vals(gm, static_indices))
+    return predicted_saved_bytes(fw, num_fwd_outputs, static_vals(gm, static_indices), codegen=codegen)
 
 
 def partition(
@@ -105,7 +100,7 @@ def partition(
     static = list(static_lifetime_input_indices or [])
     report = GraphReport(graph_id=graph_id, options=config.as_dict())
     started = time.perf_counter()
-    reference = reference_saved_bytes(gm, joint_inputs, num_fwd_outputs, static)
+    reference = reference_saved_bytes(gm, joint_inputs, num_fwd_outputs, static, config.codegen)
     report.add_pass("reference", started, f"torch.compile's default saves {reference} bytes")
     report.reference_saved_bytes = reference
     try:
@@ -120,7 +115,9 @@ def partition(
             gm, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
             static_lifetime_input_indices=static,
         )  # fmt: skip
-        report.predicted_saved_bytes = held_bytes(_saved_vals(fw, num_fwd_outputs), _static_vals(gm, static))
+        report.predicted_saved_bytes = predicted_saved_bytes(
+            fw, num_fwd_outputs, static_vals(gm, static), codegen=config.codegen
+        )
     report.partition_time_s = time.perf_counter() - started
     record_report(report, on_report)
     return fw, bw
@@ -166,7 +163,9 @@ def _plan_and_split(
 
     t = time.perf_counter()
     fw, bw, saved = split(joint, plan, inputs.codecs)
-    report.predicted_saved_bytes = held_bytes([n.meta.get("val") for n in saved], _static_vals(gm, static))
+    report.predicted_saved_bytes = predicted_saved_bytes(
+        fw, num_fwd_outputs, static_vals(gm, static), codegen=config.codegen
+    )
     report.rows = tensor_rows(joint, plan, inputs)
     report.add_pass("rewrite", t, f"forward saves {len(saved)} tensors; {len(plan.recomputed)} nodes recomputed")
     return fw, bw

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import torch
-
-from fxmem import _compat
 
 if TYPE_CHECKING:
     from fxmem.capture import JointGraph
@@ -83,25 +79,6 @@ class GraphReport:
 
 def _mib(value: int | None) -> str:
     return "?" if value is None else f"{value / 2**20:.2f} MiB"
-
-
-def held_bytes(vals: Iterable[Any], static_vals: Iterable[Any]) -> int:
-    """Bytes of the distinct storages among ``vals``, leaving out those of parameters and buffers:
-    what ``torch.autograd.graph.saved_tensors_hooks`` sees the forward save."""
-    static = set()
-    for val in static_vals:
-        if isinstance(val, torch.Tensor):
-            static.add(_compat.StorageWeakRef(val.untyped_storage()))
-    seen, total = set(), 0
-    for val in vals:
-        if not isinstance(val, torch.Tensor):
-            continue
-        key = _compat.StorageWeakRef(val.untyped_storage())
-        if key in static or key in seen:
-            continue
-        seen.add(key)
-        total += _compat.hint(val.untyped_storage().nbytes())
-    return total
 
 
 def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[TensorRow]:

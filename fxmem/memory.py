@@ -1,0 +1,67 @@
+"""Memory accounting: the bytes a forward saves for the backward, as saved-tensor hooks would see them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxmem import _compat
+
+
+def _storage_key(val: torch.Tensor) -> Any:
+    return _compat.StorageWeakRef(val.untyped_storage())
+
+
+def held_bytes(vals: Iterable[Any], static_vals: Iterable[Any]) -> int:
+    """Bytes of the distinct storages among ``vals``, leaving out those of parameters and buffers:
+    what ``torch.autograd.graph.saved_tensors_hooks`` sees the forward save."""
+    static = {_storage_key(v) for v in static_vals if isinstance(v, torch.Tensor)}
+    seen, total = set(), 0
+    for val in vals:
+        if not isinstance(val, torch.Tensor):
+            continue
+        key = _storage_key(val)
+        if key in static or key in seen:
+            continue
+        seen.add(key)
+        total += _compat.hint(val.untyped_storage().nbytes())
+    return total
+
+
+def static_vals(gm: fx.GraphModule, static_indices: Sequence[int]) -> list[Any]:
+    """The fake values of the parameters and buffers among the graph's primal inputs."""
+    primals = [n for n in gm.graph.find_nodes(op="placeholder") if _compat.is_primal(n)]
+    wanted = set(static_indices)
+    return [p.meta.get("val") for i, p in enumerate(primals) if i in wanted]
+
+
+def saved_nodes(fw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
+    (out,) = fw.graph.find_nodes(op="output")
+    return [n for n in out.args[0][num_fwd_outputs:] if isinstance(n, fx.Node)]
+
+
+def _layout_copies(fw: fx.GraphModule, saved: list[fx.Node]) -> int:
+    """Inductor's layout optimization makes channels-last copies of convolution weights in the forward;
+    a saved weight then holds a copy that counts, though the parameter itself does not."""
+    if not _compat.inductor_layout_opt(fw):
+        return 0
+    weights = {n.args[1] for n in fw.graph.nodes if n.target is torch.ops.aten.convolution.default}
+    total = 0
+    for node in saved:
+        val = node.meta.get("val")
+        if node in weights and node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() == 4:
+            if not val.is_contiguous(memory_format=torch.channels_last):
+                total += _compat.hint(val.numel()) * val.dtype.itemsize
+    return total
+
+
+def predicted_saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int, static: list[Any], *, codegen: str) -> int:
+    """What saved-tensor hooks will measure for the forward module ``fw`` (parameters excluded)."""
+    saved = saved_nodes(fw, num_fwd_outputs)
+    total = held_bytes([n.meta.get("val") for n in saved], static)
+    if codegen == "inductor":
+        total += _layout_copies(fw, saved)
+    return total
