@@ -30,7 +30,6 @@ class FxmemCompiler:
             raise ValueError("pass either a FxmemConfig or keyword options, not both")
         self.config = config if config is not None else FxmemConfig.from_options(options)
         self.reports: list[GraphReport] = []
-        _warn_unimplemented(self.config)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
         options = kwargs.pop("options", None)
@@ -53,15 +52,6 @@ def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: Fxmem
     return _compat.aot_autograd(fw_compiler=run_graph, bw_compiler=run_graph, partition_fn=partitioner)(
         gm, example_inputs
     )
-
-
-def _warn_unimplemented(config: FxmemConfig) -> None:
-    if isinstance(config.memory_budget, int) and not isinstance(config.memory_budget, bool):
-        log.warning(
-            "fxmem: an absolute memory_budget (%d bytes) bounds the activations the forward saves, not yet the "
-            "whole predicted peak",
-            config.memory_budget,
-        )
 
 
 def fxmem_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 QUANTIZE_MODES = ("none", "auto", "int8", "fp8", "int4", "int2")
 CODEGENS = ("inductor", "eager")
 DEVICE_PROFILES = ("auto", "h100", "h200", "a100", "cpu")
-ON_INFEASIBLE = ("error", "best_effort")
+ON_INFEASIBLE = ("auto", "error", "best_effort")
 
 _UNITS = {
     "b": 1,
@@ -107,7 +107,7 @@ class FxmemConfig:
     cost_model: str = "roofline"
     group_size: int | None = None
     stochastic_rounding: bool = False
-    on_infeasible: str = "error"
+    on_infeasible: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
@@ -145,6 +145,14 @@ class FxmemConfig:
     @property
     def budget_is_fraction(self) -> bool:
         return isinstance(self.memory_budget, float)
+
+    @property
+    def strict_budget(self) -> bool:
+        """Whether an unmeetable budget is an error: ``auto`` makes absolute budgets (a promise about the
+        peak) strict and fractions (a target, as in PyTorch's ``activation_memory_budget``) best-effort."""
+        if self.on_infeasible == "auto":
+            return not self.budget_is_fraction and self.memory_budget is not None
+        return self.on_infeasible == "error"
 
     @property
     def quant_formats(self) -> tuple[str, ...]:

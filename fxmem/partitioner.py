@@ -13,23 +13,27 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.fx as fx
 
 from fxmem import _compat
-from fxmem.capture import UnsupportedGraph, capture
+from fxmem.capture import JointGraph, UnsupportedGraph, capture
 from fxmem.config import FxmemConfig
 from fxmem.cost import get_cost_model, resolve_profile
 from fxmem.memory import predicted_saved_bytes, static_vals
-from fxmem.planner import build_problem
+from fxmem.planner import PlanningInputs, build_problem
 from fxmem.report import GraphReport, record_report, tensor_rows
 from fxmem.rewrite import split
-from fxmem.solve import get_solver
+from fxmem.simulate import Timeline, simulate
+from fxmem.solve import Plan, get_solver
 
 log = logging.getLogger(__name__)
 _graph_ids = itertools.count()
+# Rounds of re-planning to bring the simulated peak under an absolute budget.
+_PEAK_ROUNDS = 6
 
 
 class InfeasibleBudget(ValueError):
@@ -64,16 +68,17 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
         return fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
-def reference_saved_bytes(
+def reference_plan(
     gm: fx.GraphModule,
     joint_inputs: Sequence[object],
     num_fwd_outputs: int,
     static_indices: Sequence[int],
     codegen: str,
-) -> int | None:
-    """What torch.compile's default partitioner would save, in bytes (parameters excluded)."""
+) -> tuple[int, Timeline] | None:
+    """What torch.compile's default partitioner would save, in bytes (parameters excluded), and its
+    simulated memory timeline."""
     try:
-        fw, _ = _compat.min_cut_rematerialization_partition(
+        fw, bw = _compat.min_cut_rematerialization_partition(
             _copy(gm),
             joint_inputs,
             compiler="inductor",
@@ -83,7 +88,9 @@ def reference_saved_bytes(
     except Exception as err:  # the reference is advisory; planning goes on without it
         log.info("fxmem: could not compute the default partitioner's plan: %s", err)
         return None
-    return predicted_saved_bytes(fw, num_fwd_outputs, static_vals(gm, static_indices), codegen=codegen)
+    static = static_vals(gm, static_indices)
+    saved = predicted_saved_bytes(fw, num_fwd_outputs, static, codegen=codegen)
+    return saved, simulate(fw, bw, num_fwd_outputs, static, fused=codegen == "inductor")
 
 
 def partition(
@@ -100,11 +107,14 @@ def partition(
     static = list(static_lifetime_input_indices or [])
     report = GraphReport(graph_id=graph_id, options=config.as_dict())
     started = time.perf_counter()
-    reference = reference_saved_bytes(gm, joint_inputs, num_fwd_outputs, static, config.codegen)
+    reference_result = reference_plan(gm, joint_inputs, num_fwd_outputs, static, config.codegen)
+    reference = None
+    if reference_result is not None:
+        reference, report.reference_timeline = reference_result
     report.add_pass("reference", started, f"torch.compile's default saves {reference} bytes")
     report.reference_saved_bytes = reference
     try:
-        fw, bw = _plan_and_split(_copy(gm), num_fwd_outputs, static, config, reference, report)
+        fw, bw = _plan_and_split(gm, num_fwd_outputs, static, config, reference, report)
     except InfeasibleBudget:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of fxmem's own must not cost the user a compile
@@ -123,6 +133,51 @@ def partition(
     return fw, bw
 
 
+@dataclass
+class _Attempt:
+    fw: fx.GraphModule
+    bw: fx.GraphModule
+    plan: Plan
+    problem_inputs: PlanningInputs
+    joint: JointGraph
+    timeline: Timeline
+    saved_count: int
+
+
+def _attempt(
+    gm: fx.GraphModule, num_fwd_outputs: int, static: list[int], config: FxmemConfig, reference: int | None,
+    report: GraphReport, saved_budget: float | None = None,
+) -> _Attempt:  # fmt: skip
+    """Plan and split a private copy of ``gm``; ``saved_budget`` overrides the bytes the plan may hold."""
+    gm = _copy(gm)
+    t = time.perf_counter()
+    _compat.force_save(gm)
+    joint = capture(gm, num_fwd_outputs, static)
+    report.add_pass("capture", t, f"{len(joint.forward)} forward nodes, {len(joint.required)} read by the backward")
+
+    t = time.perf_counter()
+    profile = resolve_profile(config.device, joint.device)
+    inputs = build_problem(joint, config, get_cost_model(config.cost_model, profile), reference)
+    if saved_budget is not None:
+        inputs.problem.budget_bytes = max(0.0, saved_budget)
+    report.device_profile = profile.name
+    report.estimated_step_s = inputs.step_s
+    report.add_pass("cost", t, f"{len(inputs.problem.nodes)} solver nodes on the {profile.name} profile")
+
+    t = time.perf_counter()
+    plan = get_solver(config.solver)(inputs.problem, formats=inputs.formats, bits=inputs.bits)
+    report.add_pass(
+        "solve", t, f"{plan.solver}: keep {len(plan.saved) - len(plan.quantized)}, quantize {len(plan.quantized)}, "
+        f"recompute {len(plan.recomputed)}; {plan.saved_bytes} bytes held",
+    )  # fmt: skip
+
+    t = time.perf_counter()
+    fw, bw, saved = split(joint, plan, inputs.codecs)
+    timeline = simulate(fw, bw, num_fwd_outputs, static_vals(gm, static), fused=config.codegen == "inductor")
+    report.add_pass("rewrite", t, f"forward saves {len(saved)} tensors; {len(plan.recomputed)} nodes recomputed")
+    return _Attempt(fw, bw, plan, inputs, joint, timeline, len(saved))
+
+
 def _plan_and_split(
     gm: fx.GraphModule,
     num_fwd_outputs: int,
@@ -131,41 +186,53 @@ def _plan_and_split(
     reference: int | None,
     report: GraphReport,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
-    t = time.perf_counter()
-    _compat.force_save(gm)
-    joint = capture(gm, num_fwd_outputs, static)
-    report.add_pass("capture", t, f"{len(joint.forward)} forward nodes, {len(joint.required)} read by the backward")
-
-    t = time.perf_counter()
-    profile = resolve_profile(config.device, joint.device)
-    cost = get_cost_model(config.cost_model, profile)
-    inputs = build_problem(joint, config, cost, reference)
-    report.device_profile = profile.name
-    report.estimated_step_s = inputs.step_s
-    report.add_pass("cost", t, f"{len(inputs.problem.nodes)} solver nodes on the {profile.name} profile")
-
-    t = time.perf_counter()
-    plan = get_solver(config.solver)(inputs.problem, formats=inputs.formats, bits=inputs.bits)
+    budget = config.memory_budget
+    attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report)
+    feasible = attempt.plan.feasible
+    if isinstance(budget, int):
+        # An absolute budget bounds the simulated peak: shrink the bytes the plan may hold by the overshoot
+        # until the peak fits, or the plan cannot shrink further.
+        best = attempt
+        saved_budget = float(budget)
+        for _ in range(_PEAK_ROUNDS):
+            overshoot = attempt.timeline.peak_bytes - budget
+            if overshoot <= 0 and attempt.plan.feasible:
+                break
+            saved_budget = min(saved_budget, attempt.plan.saved_bytes) - max(overshoot, 0.02 * budget)
+            attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report, saved_budget)
+            if attempt.timeline.peak_bytes < best.timeline.peak_bytes:
+                best = attempt
+            if not attempt.plan.feasible:
+                break
+        attempt = best if attempt.timeline.peak_bytes > budget else attempt
+        feasible = attempt.timeline.peak_bytes <= budget
+    if not feasible:
+        _infeasible(config, report, attempt)
+    plan = attempt.plan
     report.plan = plan
-    report.budget_bytes = inputs.problem.budget_bytes
-    report.add_pass(
-        "solve", t, f"{plan.solver}: keep {len(plan.saved) - len(plan.quantized)}, quantize {len(plan.quantized)}, "
-        f"recompute {len(plan.recomputed)}; {plan.saved_bytes} bytes held",
-    )  # fmt: skip
-    if not plan.feasible:
-        message = (
-            f"memory_budget {config.memory_budget!r} cannot be met for graph {report.graph_id}: the smallest plan "
-            f"fxmem found holds {plan.saved_bytes} bytes of activations (budget {inputs.problem.budget_bytes:.0f})"
-        )
-        if config.on_infeasible == "error":
-            raise InfeasibleBudget(message + "; pass on_infeasible='best_effort' to run with that plan")
-        log.warning("fxmem: %s; running with it (on_infeasible='best_effort')", message)
-
-    t = time.perf_counter()
-    fw, bw, saved = split(joint, plan, inputs.codecs)
+    report.budget_bytes = float(budget) if isinstance(budget, int) else attempt.problem_inputs.problem.budget_bytes
+    report.timeline = attempt.timeline
+    report.predicted_peak_bytes = attempt.timeline.peak_bytes
     report.predicted_saved_bytes = predicted_saved_bytes(
-        fw, num_fwd_outputs, static_vals(gm, static), codegen=config.codegen
+        attempt.fw, num_fwd_outputs, static_vals(gm, static), codegen=config.codegen
     )
-    report.rows = tensor_rows(joint, plan, inputs)
-    report.add_pass("rewrite", t, f"forward saves {len(saved)} tensors; {len(plan.recomputed)} nodes recomputed")
-    return fw, bw
+    report.rows = tensor_rows(attempt.joint, plan, attempt.problem_inputs)
+    return attempt.fw, attempt.bw
+
+
+def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> None:
+    budget = config.memory_budget
+    if isinstance(budget, int):
+        message = (
+            f"memory_budget {budget} bytes cannot be met for graph {report.graph_id}: the smallest predicted peak "
+            f"fxmem found is {attempt.timeline.peak_bytes} bytes ({attempt.timeline.peak_bytes / 2**20:.1f} MiB)"
+        )
+    else:
+        message = (
+            f"memory_budget {budget!r} cannot be met for graph {report.graph_id}: the smallest plan fxmem found "
+            f"holds {attempt.plan.saved_bytes} bytes of activations "
+            f"(budget {attempt.problem_inputs.problem.budget_bytes:.0f})"
+        )
+    if config.strict_budget:
+        raise InfeasibleBudget(message + "; pass on_infeasible='best_effort' to run with the smallest plan")
+    log.warning("fxmem: %s; running with the smallest plan (on_infeasible=%r)", message, config.on_infeasible)

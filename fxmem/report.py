@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fxmem.capture import JointGraph
     from fxmem.planner import PlanningInputs
+    from fxmem.simulate import Timeline
     from fxmem.solve import Plan
 
 log = logging.getLogger("fxmem")
@@ -49,6 +50,9 @@ class GraphReport:
     rows: list[TensorRow] = field(default_factory=list)
     plan: Plan | None = None
     predicted_saved_bytes: int | None = None
+    predicted_peak_bytes: int | None = None
+    timeline: Timeline | None = None
+    reference_timeline: Timeline | None = None
     reference_saved_bytes: int | None = None
     budget_bytes: float | None = None
     device_profile: str | None = None

@@ -1,0 +1,141 @@
+"""The memory simulator: live bytes over the forward and the backward as they will run.
+
+It walks the forward graph, then the backward, allocating each node's storage when the node runs and
+freeing it after its last reader (a view shares its base's storage). What the forward saves stays live
+into the backward; gradients stay live to the end; parameters and buffers are a constant floor.
+Under Inductor most pointwise and view nodes fuse into their consumer and never hold memory of their
+own, so with ``fused=True`` only nodes a fusion cannot hide are allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxmem import _compat
+
+# Ops whose result Inductor writes to memory even when a single pointwise consumer follows.
+_FUSIBLE_KINDS = ("pointwise", "view", "getitem")
+
+
+@dataclass
+class Timeline:
+    """Live bytes (parameters included) after each node, forward then backward."""
+
+    points: list[tuple[str, str, int]] = field(default_factory=list)  # (phase, node name, live bytes)
+    static_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((b for _, _, b in self.points), default=self.static_bytes)
+
+    @property
+    def peak_at(self) -> tuple[str, str] | None:
+        if not self.points:
+            return None
+        phase, name, _ = max(self.points, key=lambda p: p[2])
+        return phase, name
+
+
+def _bytes(val: Any) -> int:
+    if isinstance(val, torch.Tensor):
+        return _compat.hint(val.untyped_storage().nbytes())
+    return 0
+
+
+def _key(val: Any) -> Any:
+    return _compat.StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
+
+
+def _is_fusible(node: fx.Node) -> bool:
+    facts = node.meta.get("fxmem")
+    kind = getattr(facts, "kind", None)
+    if kind is None:
+        tags = getattr(node.target, "tags", ())
+        kind = "pointwise" if torch.Tag.pointwise in tags else "other"
+    if kind not in _FUSIBLE_KINDS:
+        return False
+    consumers = list(node.users)
+    return len(consumers) == 1 and consumers[0].op == "call_function"
+
+
+class _Memory:
+    def __init__(self, start: int) -> None:
+        self.live = start
+        self.sizes: dict[Any, int] = {}
+        self.refs: dict[Any, int] = {}
+
+    def hold(self, key: Any, nbytes: int) -> None:
+        if key not in self.sizes:
+            self.sizes[key] = nbytes
+            self.refs[key] = 0
+            self.live += nbytes
+        self.refs[key] += 1
+
+    def release(self, key: Any) -> None:
+        if key not in self.refs:
+            return
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.live -= self.sizes.pop(key)
+            del self.refs[key]
+
+
+def _walk(
+    gm: fx.GraphModule,
+    memory: _Memory,
+    phase: str,
+    keep: set[str],
+    static_keys: set[Any],
+    fused: bool,
+    timeline: Timeline,
+) -> None:
+    """Run ``gm`` through ``memory``: inputs are held on entry; nodes named in ``keep`` outlive it."""
+    nodes = list(gm.graph.nodes)
+    last_use: dict[fx.Node, int] = {}
+    for i, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last_use[arg] = i
+    held: dict[fx.Node, Any] = {}
+    for i, node in enumerate(nodes):
+        if node.op == "output":
+            break
+        val = node.meta.get("val")
+        key = _key(val)
+        if key is not None and key not in static_keys:
+            materialised = node.op == "placeholder" or not (fused and _is_fusible(node))
+            if materialised or key in memory.sizes:
+                memory.hold(key, _bytes(val))
+                held[node] = key
+        for arg in node.all_input_nodes:
+            if last_use.get(arg) == i and arg in held and arg.name not in keep:
+                memory.release(held.pop(arg))
+        if node not in last_use and node in held and node.name not in keep:
+            memory.release(held.pop(node))
+        timeline.points.append((phase, node.name, memory.live + timeline.static_bytes))
+
+
+def simulate(
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    num_fwd_outputs: int,
+    static: Iterable[Any],
+    *,
+    fused: bool,
+) -> Timeline:
+    static_list = [v for v in static if isinstance(v, torch.Tensor)]
+    static_keys = {_key(v) for v in static_list}
+    timeline = Timeline(static_bytes=sum(_bytes(v) for v in {_key(v): v for v in static_list}.values()))
+    (fw_out,) = fw.graph.find_nodes(op="output")
+    fw_results = [n for n in fw_out.args[0] if isinstance(n, fx.Node)]
+    memory = _Memory(0)
+    _walk(fw, memory, "forward", {n.name for n in fw_results}, static_keys, fused, timeline)
+    (bw_out,) = bw.graph.find_nodes(op="output")
+    grads = {n.name for n in bw_out.args[0] if isinstance(n, fx.Node)}
+    # Entering the backward only the saved tensors are held: they are its placeholders, held by _walk.
+    _walk(bw, _Memory(0), "backward", grads, static_keys, fused, timeline)
+    return timeline
