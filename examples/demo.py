@@ -66,7 +66,10 @@ def main() -> None:
         ("torch.compile default", "inductor"),
         ("fxmem (no budget: lossless)", fxmem.backend(codegen=args.codegen)),
         ("fxmem memory_budget=0.3", fxmem.backend(codegen=args.codegen, memory_budget=0.3)),
-        ("fxmem memory_budget=0.2 quantize=int8", fxmem.backend(codegen=args.codegen, memory_budget=0.2, quantize="int8")),
+        (
+            "fxmem memory_budget=0.2 quantize=int8",
+            fxmem.backend(codegen=args.codegen, memory_budget=0.2, quantize="int8"),
+        ),
     ]
     print(f"GPT preset {args.preset!r}, {args.steps} AdamW steps on {torch.device('cpu')}, torch {torch.__version__}")
     rows = []

@@ -12,7 +12,11 @@ __version__ = "0.1.0"
 
 from fxmem.compiler import FxmemCompiler, backend, compile, fxmem_backend
 from fxmem.config import FxmemConfig
+from fxmem.inspection import Report, inspect
+from fxmem.inspection.logs import configure_logging_from_env
 from fxmem.report import GraphReport, TensorRow, clear_reports, reports
+
+configure_logging_from_env()
 
 __all__ = [
     "__version__",
@@ -24,7 +28,9 @@ __all__ = [
     "fxmem_backend",
     # inspecting
     "GraphReport",
+    "Report",
     "TensorRow",
     "clear_reports",
+    "inspect",
     "reports",
 ]

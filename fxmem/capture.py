@@ -25,6 +25,15 @@ _MATMUL_OPS = {
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward",
 }  # fmt: skip
+# Batch norm in training also updates running statistics, which are buffers mutated after the graph:
+# recomputing it would have the backward read a buffer the step has already changed.
+_NEVER_RECOMPUTE_OPS = {"native_batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit"}
+# Normalisations divide by a statistic of their input: an error in a stored input is amplified by
+# 1/std in the backward, so such inputs are never quantized.
+_NORMALIZATION_OPS = {
+    "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit",
+    "native_group_norm", "var_mean", "var", "std", "_fused_rms_norm",
+}  # fmt: skip
 _REDUCTION_OPS = {
     "sum", "mean", "amax", "amin", "max", "min", "var", "var_mean", "std", "prod", "argmax", "argmin",
     "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_functional", "_softmax",
@@ -59,6 +68,7 @@ class NodeFacts:
     bytes_moved: float
     can_recompute: bool
     can_save: bool
+    quantizable: bool  # False for a normalisation's input, whose stored error the backward amplifies by 1/std
     user_policy: str | None  # a torch.utils.checkpoint policy name, when the user annotated the node
 
 
@@ -231,7 +241,21 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
     for node in forward:
         joint.facts[node] = _node_facts(node, static_inputs, owners)
         node.meta["fxmem"] = joint.facts[node]
+    _mark_normalisation_inputs(joint)
     return joint
+
+
+def _mark_normalisation_inputs(joint: JointGraph) -> None:
+    """Mark the tensors a normalisation reads, directly or through views (planner: row-aligned int8 only)."""
+    feeds_norm: set[fx.Node] = set()
+    for node in reversed(joint.forward):
+        for user in node.users:
+            user_facts = joint.facts.get(user)
+            is_view = user_facts is not None and user_facts.kind == "view"
+            if _op_name(user) in _NORMALIZATION_OPS or (is_view and user in feeds_norm):
+                feeds_norm.add(node)
+                joint.facts[node].quantizable = False
+                break
 
 
 def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, str]) -> NodeFacts:
@@ -252,6 +276,7 @@ def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, st
     is_sym = _compat.is_sym_node(node)
     impure = node.op == "call_function" and node.is_impure() and kind != "random"
     can_recompute = node.op in ("call_function", "get_attr") and kind not in ("random", "collective") and not impure
+    can_recompute = can_recompute and _op_name(node) not in _NEVER_RECOMPUTE_OPS
     if policy_name == "MUST_SAVE":
         can_recompute = False
     # Views are recomputed from their base: saving one holds the base's whole storage anyway.
@@ -272,5 +297,6 @@ def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, st
         bytes_moved=_bytes_of(val) + sum(_bytes_of(v) for v in args_vals),
         can_recompute=can_recompute,
         can_save=can_save,
+        quantizable=True,  # refined by _mark_normalisation_inputs once all users are known
         user_policy=policy_name,
     )

@@ -37,10 +37,11 @@ class FxmemCompiler:
             raise ValueError(
                 f"fxmem backend: unexpected arguments {sorted(kwargs)}; pass fxmem options as options={{...}}"
             )
+        config = self.config
         if options:
-            return FxmemCompiler(FxmemConfig.from_options({**self.config.as_dict(), **options}))(gm, example_inputs)
-        partitioner = FxmemPartitioner(self.config, on_report=self.reports.append)
-        if self.config.codegen == "inductor":
+            config = FxmemConfig.from_options({**self.config.as_dict(), **options})
+        partitioner = FxmemPartitioner(config, on_report=self.reports.append)
+        if config.codegen == "inductor":
             return _compat.compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
         return _eager(gm, example_inputs, partitioner)
 

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 QUANTIZE_MODES = ("none", "auto", "int8", "fp8", "int4", "int2")
 CODEGENS = ("inductor", "eager")
 DEVICE_PROFILES = ("auto", "h100", "h200", "a100", "cpu")
+_INTEGER_LADDER = ("int8", "int4", "int2")
 ON_INFEASIBLE = ("auto", "error", "best_effort")
 
 _UNITS = {
@@ -156,11 +157,16 @@ class FxmemConfig:
 
     @property
     def quant_formats(self) -> tuple[str, ...]:
-        """The formats the solver may choose from (``auto`` means all of them)."""
+        """The formats the solver may choose from. A single integer format is the *narrowest* allowed:
+        ``"int2"`` admits int8, int4 and int2, and the solver takes the widest that meets the budget.
+        ``"auto"`` admits every format; a list admits exactly its members."""
         if self.quantize == ("none",):
             return ()
         if self.quantize == ("auto",):
             return ("int8", "fp8", "int4", "int2")
+        if len(self.quantize) == 1 and self.quantize[0] in _INTEGER_LADDER:
+            ladder = _INTEGER_LADDER
+            return ladder[: ladder.index(self.quantize[0]) + 1]
         return self.quantize
 
     def as_dict(self) -> dict[str, Any]:

@@ -66,6 +66,8 @@ RECOMPUTE_FACTOR = {
 # Quantize fuses into the producer and dequantize into the consumer: they add roughly the stored bytes
 # written and read, plus a pass over the full tensor each that fusion does not hide entirely.
 QUANT_FUSION_FACTOR = 0.25
+# Seconds of penalty per full-tensor pass, scaled by the bits dropped below 8 (see precision_penalty).
+PRECISION_PENALTY = 4.0
 
 
 class CostModel:
@@ -82,6 +84,11 @@ class CostModel:
 
     def quant_time(self, full_bytes: int, stored_bytes: int) -> float:
         raise NotImplementedError
+
+    def precision_penalty(self, full_bytes: int, bits: int) -> float:
+        """A price, in seconds, on storing ``full_bytes`` in ``bits`` bits: grows as bits shrink, so the
+        solver narrows a tensor only when the budget needs it. Not a time anyone waits."""
+        return PRECISION_PENALTY * (8 - min(bits, 8)) / 8 * full_bytes / self.profile.bandwidth
 
 
 _COST_MODELS: dict[str, type[CostModel]] = {}

@@ -172,7 +172,7 @@ def _attempt(
     )  # fmt: skip
 
     t = time.perf_counter()
-    fw, bw, saved = split(joint, plan, inputs.codecs)
+    fw, bw, saved = split(joint, plan, inputs.codecs, inputs.node_codecs)
     timeline = simulate(fw, bw, num_fwd_outputs, static_vals(gm, static), fused=config.codegen == "inductor")
     report.add_pass("rewrite", t, f"forward saves {len(saved)} tensors; {len(plan.recomputed)} nodes recomputed")
     return _Attempt(fw, bw, plan, inputs, joint, timeline, len(saved))

@@ -32,14 +32,16 @@ class PlanningInputs:
     formats: tuple[str, ...]
     bits: dict[str, int]
     codecs: dict[str, Codec]
+    node_codecs: dict[str, Codec]  # per-node overrides (row-aligned groups for normalisation inputs)
     step_s: float  # estimated time of a training step on the profile
     node_time_s: dict[str, float]  # each forward node's own estimated time
 
 
-def make_codec(fmt: str, config: FxmemConfig) -> Codec:
+def make_codec(fmt: str, config: FxmemConfig, group_size: int | None = None) -> Codec:
     if fmt == BITMASK:
         return Codec(BITMASK, lambda x: (pack_bool(x),), lambda p, like: unpack_bool(p[0], like.shape, like.stride()))
-    quantizer = get_quantizer(fmt, group_size=config.group_size, stochastic=config.stochastic_rounding)
+    group = group_size or config.group_size
+    quantizer = get_quantizer(fmt, group_size=group, stochastic=config.stochastic_rounding)
     return Codec(
         fmt,
         lambda x: tuple(quantizer.quantize(x)),
@@ -56,10 +58,12 @@ def build_problem(
         formats = ()
     quantizers = {fmt: get_quantizer(fmt, group_size=config.group_size) for fmt in formats}
     bits = {fmt: q.bits for fmt, q in quantizers.items()}
+    bits["int8"] = 8  # normalisation inputs use row-aligned int8 whatever format was asked for
     bits[BITMASK] = 8  # lossless: admitted with the widest tier
     owners_static = {n.name for n in joint.static_inputs}
     required = set(joint.required)
     nodes: list[SolverNode] = []
+    node_codecs: dict[str, Codec] = {}
     node_time: dict[str, float] = {}
     known: set[str] = set()
     for node in joint.forward:
@@ -77,10 +81,21 @@ def build_problem(
             numel = tensor.nbytes // tensor.dtype.itemsize
             if tensor.dtype == torch.bool:
                 options.append(QuantOption(BITMASK, packed_bool_bytes(numel), cost.quant_time(held, numel // 8)))
-            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and not joint.dynamic:
+            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and facts.quantizable:
                 for fmt, q in quantizers.items():
                     stored = q.stored_bytes(numel, tensor.dtype)
-                    options.append(QuantOption(fmt, stored, cost.quant_time(held, stored)))
+                    penalty = cost.precision_penalty(held, q.bits)
+                    options.append(QuantOption(fmt, stored, cost.quant_time(held, stored), penalty))
+            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and quantizers:
+                # A normalisation's input: the backward divides its error by the row's std, so it is stored
+                # only as int8 (whichever format was asked for), in groups that never straddle two rows.
+                group = _row_group(tensor.shape_hint[-1] if tensor.shape_hint else numel)
+                codec = make_codec("int8", config, group)
+                stored = get_quantizer("int8", group_size=group).stored_bytes(numel, tensor.dtype)
+                options.append(
+                    QuantOption("int8", stored, cost.quant_time(held, stored), cost.precision_penalty(held, 8))
+                )
+                node_codecs[node.name] = codec
         nodes.append(
             SolverNode(
                 name=node.name,
@@ -106,6 +121,11 @@ def build_problem(
         problem.budget_bytes = budget * reference_bytes
     else:
         problem.budget_bytes = float(budget)
-    all_formats = tuple(formats) + (BITMASK,)
+    all_formats = tuple(dict.fromkeys((*formats, *(("int8",) if formats else ()), BITMASK)))
     codecs = {fmt: make_codec(fmt, config) for fmt in all_formats}
-    return PlanningInputs(problem, all_formats, bits, codecs, step_s, node_time)
+    return PlanningInputs(problem, all_formats, bits, codecs, node_codecs, step_s, node_time)
+
+
+def _row_group(row: int) -> int:
+    """The quantization group for rows of ``row`` elements: 256 when it divides the row, else the row."""
+    return 256 if row % 256 == 0 else max(16, min(row, 1024))

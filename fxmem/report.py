@@ -41,6 +41,8 @@ class TensorRow:
     stored_bytes: int
     est_time_s: float
     reason: str
+    inputs: tuple[str, ...] = ()  # the nearest tensors in ``rows`` this one is computed from
+    alternatives: dict[str, tuple[int, float]] = field(default_factory=dict)  # choice -> (bytes held, added s)
 
 
 @dataclass
@@ -119,9 +121,32 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
                 if decision.kind == "recompute"
                 else _quant_time(solver_node, decision.fmt),
                 reason=reason,
+                alternatives=_alternatives(solver_node),
             )
         )
+    _link_rows(joint, rows)
     return rows
+
+
+def _alternatives(node: Any) -> dict[str, tuple[int, float]]:
+    choices = {"keep": (node.save_bytes, 0.0)} if node.can_save else {}
+    if node.can_recompute:
+        choices["recompute"] = (0, node.recompute_s)
+    choices.update((o.fmt, (o.stored_bytes, o.added_s)) for o in node.quant_options)
+    return choices
+
+
+def _link_rows(joint: JointGraph, rows: list[TensorRow]) -> None:
+    """Set each row's ``inputs``: the nearest rows among its ancestors, looking through other nodes."""
+    names = {row.name for row in rows}
+    nearest: dict[str, tuple[str, ...]] = {}
+    for node in joint.forward:
+        found: dict[str, None] = {}
+        for arg in node.all_input_nodes:
+            found.update(dict.fromkeys((arg.name,) if arg.name in names else nearest.get(arg.name, ())))
+        nearest[node.name] = tuple(found)
+    for row in rows:
+        row.inputs = nearest[row.name]
 
 
 def _quant_time(node: Any, fmt: str | None) -> float:

@@ -80,7 +80,7 @@ def _backward_readers(joint: JointGraph, node: fx.Node, recomputed: set[fx.Node]
 
 
 def split(
-    joint: JointGraph, plan: Plan, codecs: dict[str, Codec]
+    joint: JointGraph, plan: Plan, codecs: dict[str, Codec], node_codecs: dict[str, Codec] | None = None
 ) -> tuple[fx.GraphModule, fx.GraphModule, list[fx.Node]]:
     """The forward and backward modules for ``plan``, and the tensors the forward saves."""
     by_name = {n.name: n for n in joint.forward}
@@ -93,7 +93,8 @@ def split(
         if fmt is None:
             saved.append(node)
         else:
-            saved.extend(_insert_codec(joint, node, codecs[fmt], _backward_readers(joint, node, recomputed)))
+            codec = (node_codecs or {}).get(node.name) or codecs[fmt]
+            saved.extend(_insert_codec(joint, node, codec, _backward_readers(joint, node, recomputed)))
 
     forward = set(joint.forward)
     readers = joint.backward | recomputed

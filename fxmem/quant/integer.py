@@ -5,7 +5,8 @@ Each group of ``group_size`` consecutive elements (logical order) gets its own f
 * asymmetric (all three registered quantizers): ``scale = (max - min) / L`` with ``L = 2**bits - 1``,
   codes ``round((x - min) / scale)`` in [0, L] as uint8, packed 2 (int4) or 4 (int2) per byte;
   ``dq = min + code * scale``. A group whose min is exactly 0 (typical after ReLU) maps 0 to code 0 and
-  back to exactly 0.
+  back to exactly 0, and maps every positive value to a code of at least 1, so the sign pattern a
+  ReLU's backward reads survives exactly (values in (0, step/2) then err by up to one step).
 * symmetric (kept for subclasses, ``symmetric = True``): ``scale = absmax / qmax``, codes
   ``round(x / scale)`` in [-qmax, qmax]; zero is always exact and there is no zero point.
 
@@ -86,7 +87,10 @@ class IntegerQuantizer(Quantizer):
         scale = hi / top - lo / top  # not (hi - lo) / top: that overflows for |values| near fp32 max
         half = scale * 0.5
         y = (g * 0.5 - lo * 0.5) / torch.where(half > 0, half, 1.0)
-        q = torch.nan_to_num(self._round(y), nan=0.0).clamp(0, top).reshape(-1)[:n]
+        q = torch.nan_to_num(self._round(y), nan=0.0).clamp(0, top)
+        # In a group whose minimum is exactly 0 (after a ReLU), a positive value must not come back as 0:
+        # the ReLU's backward reads the sign. Such values round up to one step instead.
+        q = torch.where((q == 0) & (g > 0) & (lo == 0), 1.0, q).reshape(-1)[:n]
         codes = pack_bits(q.to(torch.uint8), self.bits)
         return codes, scale.reshape(-1), lo.reshape(-1)
 

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
+from fxmem.solve.greedy import refine_bracket
 from fxmem.solve.problem import Plan, Problem, SolverNode, make_plan
 from fxmem.solve.registry import register_solver
 
@@ -34,7 +35,7 @@ def _save_capacity(node: SolverNode, lam: float, formats: frozenset[str]) -> tup
     best, best_fmt = float(node.save_bytes), None
     for option in node.quant_options:
         if option.fmt in formats:
-            cost = option.stored_bytes + lam * option.added_s
+            cost = option.stored_bytes + lam * (option.added_s + option.penalty_s)
             if cost < best:
                 best, best_fmt = cost, option.fmt
     return best, best_fmt
@@ -118,29 +119,31 @@ def cut(problem: Problem, lam: float, formats: frozenset[str], needed: set[str])
 
 
 def _format_tiers(formats: tuple[str, ...], bits: dict[str, int]) -> list[frozenset[str]]:
-    """Admit formats widest first: {8-bit}, then {8, 4}, then {8, 4, 2}."""
-    tiers: list[frozenset[str]] = [frozenset()]
-    for width in sorted({bits[f] for f in formats}, reverse=True):
-        tiers.append(frozenset(f for f in formats if bits[f] >= width))
-    return tiers
+    """Admit formats widest first: {8-bit}, then {8, 4}, then {8, 4, 2}. Within a tier the price decides
+    between recomputing and quantizing; a narrower tier is tried only when the wider cannot meet the budget."""
+    widths = sorted({bits[f] for f in formats}, reverse=True) or [0]
+    return [frozenset(f for f in formats if bits[f] >= width) for width in widths]
 
 
 @register_solver("mincut")
-def solve_mincut(problem: Problem, formats: tuple[str, ...] = (), bits: dict[str, int] | None = None) -> Plan:
+def solve_mincut(
+    problem: Problem, formats: tuple[str, ...] = (), bits: dict[str, int] | None = None, *, refine: bool = True
+) -> Plan:
     """Meet ``problem.budget_bytes`` with the least added time, or, with no byte budget, hold the fewest
-    bytes whose added time stays within ``problem.max_added_s``."""
+    bytes whose added time stays within ``problem.max_added_s``. ``refine``: finish with
+    :func:`fxmem.solve.greedy.refine_bracket`, which reaches budgets between two prices' plans."""
     started = time.perf_counter()
     bits = bits or {f: 8 for f in formats}
     needed = problem.needed()
     tiers = _format_tiers(formats, bits)
     if problem.budget_bytes is None:
         # A time budget: quantize only with the widest formats, and only where the time allows.
-        saved, lam = _search(problem, tiers[1] if len(tiers) > 1 else tiers[0], needed, by_time=True)
+        saved, lam = _search(problem, tiers[0], needed, by_time=True, refine=refine)
         notes = [f"price {lam:.3g} B/s"]
         return make_plan(problem, saved, solver="mincut", solve_time_s=time.perf_counter() - started, notes=notes)
     plan = None
     for tier in tiers:
-        saved, lam = _search(problem, tier, needed, by_time=False)
+        saved, lam = _search(problem, tier, needed, by_time=False, refine=refine)
         plan = make_plan(problem, saved, solver="mincut", solve_time_s=0.0, notes=[f"price {lam:.3g} B/s"])
         if plan.feasible:
             break
@@ -149,7 +152,9 @@ def solve_mincut(problem: Problem, formats: tuple[str, ...] = (), bits: dict[str
     return plan
 
 
-def _search(problem: Problem, formats: frozenset[str], needed: set[str], *, by_time: bool) -> tuple[dict, float]:
+def _search(
+    problem: Problem, formats: frozenset[str], needed: set[str], *, by_time: bool, refine: bool = False
+) -> tuple[dict, float]:
     """Bisect the price on a log scale. ``by_time``: the smallest price whose plan keeps the added time
     within ``max_added_s``; otherwise the largest price whose plan holds at most ``budget_bytes``."""
 
@@ -166,6 +171,7 @@ def _search(problem: Problem, formats: frozenset[str], needed: set[str], *, by_t
     good = cut(problem, good_lam, formats, needed)
     if not ok(good):
         return good, good_lam
+    bad = None  # the last plan past the budget: the other side of the bracket
     for _ in range(_ITERATIONS):
         mid = (lo + hi) / 2
         saved = cut(problem, math.exp(mid), formats, needed)
@@ -175,8 +181,12 @@ def _search(problem: Problem, formats: frozenset[str], needed: set[str], *, by_t
                 hi = mid
             else:
                 lo = mid
-        elif by_time:
-            lo = mid
         else:
-            hi = mid
+            bad = saved
+            if by_time:
+                lo = mid
+            else:
+                hi = mid
+    if refine:
+        good = refine_bracket(problem, good, bad, formats, by_time=by_time)
     return good, good_lam

@@ -20,11 +20,15 @@ DecisionKind = Literal["keep", "recompute", "quantize"]
 
 @dataclass(frozen=True)
 class QuantOption:
-    """Storing a node in ``fmt`` holds ``stored_bytes`` and adds ``added_s`` (quantize + dequantize)."""
+    """Storing a node in ``fmt`` holds ``stored_bytes`` and adds ``added_s`` (quantize + dequantize).
+
+    ``penalty_s`` prices the lost precision in seconds: solvers add it to the objective (not to the
+    reported time), so that of two formats meeting a budget the wider one wins."""
 
     fmt: str
     stored_bytes: int
     added_s: float
+    penalty_s: float = 0.0
 
 
 @dataclass

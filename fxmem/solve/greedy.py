@@ -1,0 +1,540 @@
+"""Greedy moves on plans: a baseline solver, and the local refinement the min-cut solver finishes with.
+
+A plan is a saved set (node -> format); the backward recomputes whatever it reaches that is not saved.
+:class:`PlanState` keeps, for each node, how many reasons the backward has to reach it (it is required,
+or a recomputed user reads it), so the effect of one *move* -- save a recomputed node, recompute a saved
+one, or store a saved one in another format -- costs only the nodes it touches, and saved nodes the
+backward no longer reaches are dropped on the way.
+
+* :func:`solve_greedy` (registered as ``"greedy"``): save every required node at full precision, then
+  apply the move that frees the most bytes per second of added time until the byte budget is met (or,
+  under a time budget, every such move that still fits). A baseline in the spirit of knapsack-style
+  activation-checkpointing heuristics; no search.
+* :func:`refine_bracket`: the min-cut solver's bisection ends between a plan that meets the budget and
+  one just past it, two neighbouring vertices of the lower convex hull of (bytes, time) trade-offs.
+  Budgets between them are not reachable by any price (the Lagrangian duality gap), so the solver then
+  (1) moves from the feasible plan towards the infeasible one a connected group of differing nodes at a
+  time, in order of the time each group buys per byte, keeping the best plan that fits; and (2) runs a
+  local search from there: the best single move that fits, else the best *ejection chain* -- one move
+  that buys time (too big to fit) followed by the moves that free bytes most cheaply until it fits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from fxmem.solve.problem import Plan, Problem, make_plan
+from fxmem.solve.registry import register_solver
+
+_DROP = "__recompute__"  # a move's target meaning "stop saving it: recompute it"
+_REMOVED = object()
+# Local-search effort, in node visits (a visit is ~1 µs of Python): bounds the refinement of large graphs.
+DEFAULT_WORK = 3_000_000
+_EJECTIONS = 8  # buying moves tried per ejection round
+_EJECTION_STEPS = 24  # freeing moves at most per ejection chain
+
+
+class _Graph:
+    """What moves need to know about a problem's nodes, by index, for one set of admitted formats."""
+
+    def __init__(self, problem: Problem, formats: frozenset[str]) -> None:
+        self.problem = problem
+        self.formats = formats
+        self.names = [n.name for n in problem.nodes]
+        self.index = index = {name: i for i, name in enumerate(self.names)}
+        self.inputs = [tuple(dict.fromkeys(index[i] for i in n.inputs)) for n in problem.nodes]
+        self.required = [n.required for n in problem.nodes]
+        self.can_recompute = [n.can_recompute for n in problem.nodes]
+        self.recompute_s = [n.recompute_s for n in problem.nodes]
+        self.options: list[dict[str | None, tuple[int, float]]] = []
+        for n in problem.nodes:
+            opts: dict[str | None, tuple[int, float]] = {}
+            if n.can_save:
+                opts[None] = (n.save_bytes, 0.0)
+                for o in n.quant_options:
+                    if o.fmt in formats:
+                        opts[o.fmt] = (o.stored_bytes, o.added_s)
+            self.options.append(opts)
+
+
+class PlanState:
+    """A valid saved set over the nodes the backward reaches, with its held bytes and added time.
+
+    Raises ``ValueError`` if ``saved`` leaves a needed node that can be neither saved nor recomputed, or
+    names a format not admitted. Pass ``graph`` to share the per-problem tables between states."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        formats: frozenset[str],
+        saved: Mapping[str, str | None],
+        *,
+        graph: _Graph | None = None,
+    ) -> None:
+        if graph is None or graph.problem is not problem or graph.formats != formats:
+            graph = _Graph(problem, formats)
+        self.graph = graph
+        self.problem = problem
+        self.names, self.index, self.inputs = graph.names, graph.index, graph.inputs
+        self.required, self.can_recompute, self.recompute_s = graph.required, graph.can_recompute, graph.recompute_s
+        self.options = graph.options
+        index = self.index
+        self.meter = [0]  # node visits, shared with copies
+        self.count = [0] * len(self.names)
+        self.saved: dict[int, str | None] = {}
+        self.bytes = 0
+        self.time = 0.0
+        wanted = {index[name]: fmt for name, fmt in saved.items()}
+        # Walk from the required nodes, through the ones not saved, counting who reaches whom.
+        order = [i for i in range(len(self.names)) if self.required[i]]
+        for i in order:
+            self.count[i] += 1
+        stack = list(order)
+        seen: set[int] = set()
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            if i in wanted:
+                fmt = wanted[i]
+                if fmt not in self.options[i]:
+                    raise ValueError(f"{self.names[i]!r} cannot be saved as {fmt!r}")
+                self.saved[i] = fmt
+                b, t = self.options[i][fmt]
+                self.bytes += b
+                self.time += t
+                continue
+            if not self.can_recompute[i]:
+                raise ValueError(f"{self.names[i]!r} is needed but neither saved nor recomputable")
+            self.time += self.recompute_s[i]
+            for u in self.inputs[i]:
+                self.count[u] += 1
+                stack.append(u)
+
+    # -- moves ------------------------------------------------------------------------------------------
+
+    def moves(self) -> Iterator[tuple[int, str | None]]:
+        """Every move from this plan: ``(node, fmt)`` saves or re-formats it, ``(node, _DROP)`` recomputes it."""
+        for i, c in enumerate(self.count):
+            if c <= 0:
+                continue
+            if i in self.saved:
+                current = self.saved[i]
+                for fmt in self.options[i]:
+                    if fmt != current:
+                        yield i, fmt
+                if self.can_recompute[i]:
+                    yield i, _DROP
+            else:
+                for fmt in self.options[i]:
+                    yield i, fmt
+
+    def simulate(self, move: tuple[int, str | None]) -> tuple[int, float, dict[int, int], dict[int, Any]] | None:
+        """``(delta bytes, delta time, new counts, new saved entries)`` of ``move``, or ``None`` if it
+        leaves a needed node that can be neither saved nor recomputed. Does not change the state."""
+        i, target = move
+        counts: dict[int, int] = {}
+        changes: dict[int, Any] = {}
+        db, dt = 0, 0.0
+        count, saved, options = self.count, self.saved, self.options
+        work = 1
+        # A move ranked on an earlier state may no longer apply.
+        if count[i] <= 0:
+            return None
+        if target == _DROP:
+            if i not in saved or not self.can_recompute[i]:
+                return None
+        elif target not in options[i] or (i in saved and saved[i] == target):
+            return None
+
+        if i in saved and target != _DROP:  # another format
+            b0, t0 = options[i][saved[i]]
+            b1, t1 = options[i][target]
+            self.meter[0] += 1
+            return b1 - b0, t1 - t0, counts, {i: target}
+
+        if i in saved:  # recompute it: its inputs become reached
+            b0, t0 = options[i][saved[i]]
+            db -= b0
+            dt += self.recompute_s[i] - t0
+            changes[i] = _REMOVED
+            stack = list(self.inputs[i])
+            while stack:
+                u = stack.pop()
+                work += 1
+                c = counts.get(u, count[u])
+                counts[u] = c + 1
+                if c > 0:
+                    continue
+                # u was not reached: recompute it, or save it if it cannot be recomputed
+                if self.can_recompute[u]:
+                    dt += self.recompute_s[u]
+                    stack.extend(self.inputs[u])
+                elif None in options[u]:
+                    db += options[u][None][0]
+                    changes[u] = None
+                else:
+                    self.meter[0] += work
+                    return None
+        else:  # save it: its inputs lose a reader
+            b1, t1 = options[i][target]
+            db += b1
+            dt += t1 - self.recompute_s[i]
+            changes[i] = target
+            stack = list(self.inputs[i])
+            while stack:
+                u = stack.pop()
+                work += 1
+                c = counts.get(u, count[u]) - 1
+                counts[u] = c
+                if c > 0:
+                    continue
+                if u in saved:  # no longer reached: no longer saved
+                    b0, t0 = options[u][saved[u]]
+                    db -= b0
+                    dt -= t0
+                    changes[u] = _REMOVED
+                else:
+                    dt -= self.recompute_s[u]
+                    stack.extend(self.inputs[u])
+        self.meter[0] += work
+        return db, dt, counts, changes
+
+    def apply(self, move: tuple[int, str | None]) -> bool:
+        result = self.simulate(move)
+        if result is None:
+            return False
+        db, dt, counts, changes = result
+        self.bytes += db
+        self.time += dt
+        for u, c in counts.items():
+            self.count[u] = c
+        for u, fmt in changes.items():
+            if fmt is _REMOVED:
+                self.saved.pop(u, None)
+            else:
+                self.saved[u] = fmt
+        return True
+
+    @property
+    def work(self) -> int:
+        return self.meter[0]
+
+    def copy(self) -> PlanState:
+        other = object.__new__(PlanState)
+        other.__dict__.update(self.__dict__)
+        other.count = list(self.count)
+        other.saved = dict(self.saved)
+        return other
+
+    def saved_names(self) -> dict[str, str | None]:
+        return {self.names[i]: fmt for i, fmt in self.saved.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Limits: minimise time under a byte limit, or bytes under a time limit
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Goal:
+    """``by_time``: minimise bytes with added time <= ``limit``; else minimise time with bytes <= ``limit``."""
+
+    def __init__(self, by_time: bool, limit: float | None) -> None:
+        self.by_time = by_time
+        self.limit = math.inf if limit is None else float(limit)
+
+    def fits(self, b: float, t: float) -> bool:
+        return t <= self.limit * (1 + 1e-12) if self.by_time else b <= self.limit
+
+    def key(self, b: float, t: float) -> tuple[float, float]:
+        # Times are rounded to 1e-15 s so float noise in running sums cannot make a move look better.
+        return (b, round(t, 15)) if self.by_time else (round(t, 15), b)
+
+    def gain(self, db: float, dt: float) -> float:
+        """How much the objective improves (positive is better)."""
+        return -db if self.by_time else -dt
+
+    def cost(self, db: float, dt: float) -> float:
+        """How much of the limit it uses (negative frees some)."""
+        return dt if self.by_time else db
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.inf
+
+
+def local_search(state: PlanState, goal: _Goal, *, work: int = DEFAULT_WORK) -> PlanState:
+    """Improve a plan that fits ``goal``: the best single move that still fits, else the best ejection
+    chain (a move that improves the objective but overshoots, then the cheapest freeing moves until it
+    fits again). Stops at a local optimum or after ``work`` node visits."""
+    start_work = state.work
+    current = goal.key(state.bytes, state.time)
+    while state.work - start_work < work:
+        evaluated = []
+        best = None
+        for move in state.moves():
+            result = state.simulate(move)
+            if result is None:
+                continue
+            db, dt = result[0], result[1]
+            b, t = state.bytes + db, state.time + dt
+            key = goal.key(b, t)
+            if goal.fits(b, t) and key < current and (best is None or key < best[0]):
+                best = (key, move)
+            if goal.gain(db, dt) > 0:
+                evaluated.append((move, db, dt))
+        if best is not None:
+            state.apply(best[1])
+            current = goal.key(state.bytes, state.time)
+            continue
+        # Ejection chains from the moves that buy the most per unit of the limit they use.
+        evaluated.sort(key=lambda e: -_ratio(goal.gain(e[1], e[2]), goal.cost(e[1], e[2])))
+        best_state = None
+        for move, _, _ in evaluated[:_EJECTIONS]:
+            trial = state.copy()
+            trial.apply(move)
+            trial = _free(trial, goal, keep=move[0])
+            key = goal.key(trial.bytes, trial.time)
+            if goal.fits(trial.bytes, trial.time) and key < current and (best_state is None or key < best_state[0]):
+                best_state = (key, trial)
+            if state.work - start_work > work:
+                break
+        if best_state is None:
+            break
+        state = best_state[1]
+        current = best_state[0]
+    return state
+
+
+def _free(state: PlanState, goal: _Goal, *, keep: int = -1, steps: int = _EJECTION_STEPS) -> PlanState:
+    """Free the limit until the plan fits, leaving node ``keep`` alone: repeatedly apply the move that
+    frees it most cheaply (objective lost per unit freed), and at each step also try finishing with the
+    single move that makes the plan fit at the least loss. Returns the best plan that fits, or the last
+    one tried. May change ``state``."""
+    best: tuple[tuple[float, float], PlanState] | None = None
+    for _ in range(steps):
+        if goal.fits(state.bytes, state.time):
+            break
+        cheapest, cheapest_rank = None, math.inf
+        finish, finish_key = None, None
+        for move in state.moves():
+            if move[0] == keep:
+                continue
+            result = state.simulate(move)
+            if result is None:
+                continue
+            db, dt = result[0], result[1]
+            freed = -goal.cost(db, dt)
+            if freed <= 0:
+                continue
+            rank = max(-goal.gain(db, dt), 0.0) / freed
+            if rank < cheapest_rank:
+                cheapest, cheapest_rank = move, rank
+            b, t = state.bytes + db, state.time + dt
+            if goal.fits(b, t) and (finish_key is None or goal.key(b, t) < finish_key):
+                finish, finish_key = move, goal.key(b, t)
+        if finish is not None and finish_key is not None and (best is None or finish_key < best[0]):
+            done = state.copy()
+            done.apply(finish)
+            best = (finish_key, done)
+        if cheapest is None:
+            break
+        state.apply(cheapest)
+    if goal.fits(state.bytes, state.time):
+        key = goal.key(state.bytes, state.time)
+        if best is None or key < best[0]:
+            best = (key, state)
+    return best[1] if best is not None else state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refining the min-cut solver's bracket
+# ---------------------------------------------------------------------------------------------------------
+
+
+def refine_bracket(
+    problem: Problem,
+    feasible: Mapping[str, str | None],
+    infeasible: Mapping[str, str | None] | None,
+    formats: frozenset[str],
+    *,
+    by_time: bool,
+    work: int = DEFAULT_WORK,
+) -> dict[str, str | None]:
+    """A plan at least as good as ``feasible`` (which must meet the problem's budget): the best of the
+    group-by-group path from ``feasible`` to ``infeasible``, then locally searched."""
+    goal = _Goal(by_time, problem.max_added_s if by_time else problem.budget_bytes)
+    state = PlanState(problem, formats, feasible)
+    if not goal.fits(state.bytes, state.time):
+        return dict(feasible)
+    best = state
+    starts = []
+    if infeasible is not None:
+        end = PlanState(problem, formats, infeasible, graph=state.graph)
+        best = _bracket_path(problem, state, end, goal, formats, work // 4)
+        # A second start: the infeasible plan, freed until it fits.
+        repaired = _free(end.copy(), goal)
+        if goal.fits(repaired.bytes, repaired.time):
+            starts.append(repaired)
+    best = local_search(best, goal, work=work // 2 if starts else work)
+    for other in starts:
+        other = local_search(other, goal, work=work // 4)
+        if goal.key(other.bytes, other.time) < goal.key(best.bytes, best.time):
+            best = other
+    return best.saved_names()
+
+
+def _bracket_path(
+    problem: Problem, start: PlanState, end: PlanState, goal: _Goal, formats: frozenset[str], work: int
+) -> PlanState:
+    """Group the nodes whose decisions differ between ``start`` and ``end`` into connected groups; move
+    them one group at a time from ``start`` to ``end``, best ratio first; return the best plan that fits."""
+    a, z = start.saved_names(), end.saved_names()
+    differ = [n.name for n in problem.nodes if a.get(n.name, _REMOVED) != z.get(n.name, _REMOVED)]
+    if not differ:
+        return start
+    parent = {v: v for v in differ}
+
+    def root(v: str) -> str:
+        while parent[v] != v:
+            parent[v] = parent[parent[v]]
+            v = parent[v]
+        return v
+
+    for v in differ:
+        for u in problem.by_name[v].inputs:
+            if u in parent:
+                parent[root(u)] = root(v)
+    groups: dict[str, list[str]] = {}
+    for v in differ:
+        groups.setdefault(root(v), []).append(v)
+
+    def moved(base: Mapping[str, str | None], group: list[str]) -> dict[str, str | None]:
+        out = dict(base)
+        for v in group:
+            if v in z:
+                out[v] = z[v]
+            else:
+                out.pop(v, None)
+        return out
+
+    def state_of(saved: Mapping[str, str | None]) -> PlanState | None:
+        try:
+            return PlanState(problem, formats, saved, graph=start.graph)
+        except ValueError:
+            return None
+
+    spent = 0
+    ranked = []
+    for k, group in enumerate(groups.values()):
+        s = state_of(moved(a, group))
+        spent += len(problem.nodes)
+        if s is None:
+            rank = math.inf
+        else:
+            db, dt = s.bytes - start.bytes, s.time - start.time
+            rank = -_ratio(goal.gain(db, dt), goal.cost(db, dt)) if goal.gain(db, dt) > 0 else math.inf
+        ranked.append((rank, k, group))
+        if spent > work:
+            break
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    best, best_key = start, goal.key(start.bytes, start.time)
+    current = a
+    for _, _, group in ranked:
+        current = moved(current, group)
+        s = state_of(current)
+        if s is not None and goal.fits(s.bytes, s.time) and goal.key(s.bytes, s.time) < best_key:
+            best, best_key = s, goal.key(s.bytes, s.time)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The greedy baseline
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _save_all(problem: Problem, needed: set[str]) -> dict[str, str | None]:
+    """Every required node saved at full precision; one that cannot be saved is recomputed from its
+    inputs, saved in turn where they can be."""
+    saved: dict[str, str | None] = {}
+    stack = [n.name for n in problem.nodes if n.required]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = problem.by_name[name]
+        if node.can_save:
+            saved[name] = None
+        else:
+            stack.extend(node.inputs)
+    return saved
+
+
+@register_solver("greedy")
+def solve_greedy(problem: Problem, formats: tuple[str, ...] = (), bits: dict[str, int] | None = None) -> Plan:
+    """Start from saving every required node; apply the moves that free the most bytes per second of
+    added time until the byte budget is met or, under a time budget, each such move that still fits.
+    Quantized formats are admitted in the min-cut solver's tiers."""
+    from fxmem.solve.mincut import _check_rebuildable, _format_tiers
+
+    started = time.perf_counter()
+    bits = bits or {f: 8 for f in formats}
+    needed = problem.needed()
+    _check_rebuildable(problem, needed)
+    tiers = _format_tiers(tuple(formats), bits)
+    start = _save_all(problem, needed)
+    if problem.budget_bytes is None:
+        state = PlanState(problem, tiers[0], start)
+        _fill_time(state, problem.max_added_s)
+        return make_plan(problem, state.saved_names(), solver="greedy", solve_time_s=time.perf_counter() - started)
+    goal = _Goal(False, problem.budget_bytes)
+    plan = None
+    for tier in tiers:
+        state = PlanState(problem, tier, start)
+        while not goal.fits(state.bytes, state.time):
+            move = _best_free(state)
+            if move is None:
+                break
+            state.apply(move)
+        plan = make_plan(problem, state.saved_names(), solver="greedy", solve_time_s=0.0)
+        if plan.feasible:
+            break
+    assert plan is not None
+    plan.solve_time_s = time.perf_counter() - started
+    return plan
+
+
+def _best_free(state: PlanState) -> tuple[int, str | None] | None:
+    """The move freeing the most bytes per second it adds (a free one first)."""
+    best, best_rank = None, None
+    for move in state.moves():
+        result = state.simulate(move)
+        if result is None or result[0] >= 0:
+            continue
+        rank = (-result[0]) / max(result[1], 1e-15)
+        if best_rank is None or rank > best_rank:
+            best, best_rank = move, rank
+    return best
+
+
+def _fill_time(state: PlanState, limit: float | None) -> None:
+    """Apply byte-freeing moves, best bytes per second first, while the added time stays within ``limit``."""
+    limit = math.inf if limit is None else limit
+    while True:
+        best, best_rank = None, None
+        for move in state.moves():
+            result = state.simulate(move)
+            if result is None or result[0] >= 0 or state.time + result[1] > limit * (1 + 1e-12):
+                continue
+            rank = (-result[0]) / max(result[1], 1e-15)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = move, rank
+        if best is None:
+            return
+        state.apply(best)

@@ -1,0 +1,117 @@
+"""Shared test utilities: fresh reference models, one training step, saved-tensor accounting."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+
+import models.gpt
+import models.mlp
+import models.resnet
+import models.vit
+
+MODULES: dict[str, ModuleType] = {
+    "gpt": models.gpt,
+    "resnet": models.resnet,
+    "vit": models.vit,
+    "mlp": models.mlp,
+}
+# Every (model, preset) pair with a tiny preset, e.g. ("gpt", "tiny-dropout").
+TINY_PRESETS: list[tuple[str, str]] = [
+    (name, preset) for name, module in MODULES.items() for preset in module.PRESETS if preset.startswith("tiny")
+]
+SEED = 0
+
+
+def build(name: str, preset: str = "tiny", seed: int = SEED) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    """A freshly built ``(model, inputs)``: the same ``seed`` always gives the same weights and data, so a
+    compiled run and an eager run start from identical states."""
+    model, inputs = MODULES[name].build(preset, seed=seed)
+    return model, tuple(inputs)
+
+
+def params_and_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def measure_saved_bytes(fn: Callable[..., Any], *inputs: Any, exclude: Iterable[torch.Tensor] = ()) -> tuple[Any, int]:
+    """Run ``fn(*inputs)`` and return ``(its result, bytes saved for the backward)``.
+
+    Every tensor autograd saves goes through ``saved_tensors_hooks``; tensors are grouped by storage (a
+    view and its base count once) and the storages of ``exclude`` (parameters and buffers) are left out.
+    The saved tensors stay referenced by the autograd graph, so no storage is freed and reused while the
+    forward runs."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in excluded:
+            storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn(*inputs)
+    return result, sum(storages.values())
+
+
+def run_step(
+    model: torch.nn.Module,
+    inputs: Sequence[Any],
+    backend: Any = None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """One forward and backward of ``model(*inputs)`` (the loss): eagerly when ``backend`` is None, else
+    through ``torch.compile(model, backend=backend, options=options)``.
+
+    Returns ``(loss, gradients of the parameters in order, bytes saved for the backward)``. With ``seed``,
+    the RNG is seeded right before the forward (for models with dropout)."""
+    model.zero_grad(set_to_none=True)
+    fn = model if backend is None else torch.compile(model, backend=backend, options=options)
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss, saved = measure_saved_bytes(fn, *inputs, exclude=params_and_buffers(model))
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    return loss.detach(), grads, saved
+
+
+def eager_step(
+    name: str, preset: str = "tiny", *, seed: int | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """``run_step`` on a fresh model, without compiling."""
+    model, inputs = build(name, preset)
+    return run_step(model, inputs, seed=seed)
+
+
+def rel_err(a: Any, b: Any) -> float:
+    """``||a - b|| / ||b||``; for sequences of tensors (e.g. parameter gradients), the largest over pairs."""
+    if isinstance(a, torch.Tensor):
+        a, b = [a], [b]
+    a, b = list(a), list(b)
+    assert len(a) == len(b), f"comparing {len(a)} tensors with {len(b)}"
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        assert x.shape == y.shape, f"shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        x, y = x.detach().double(), y.detach().double()
+        denom = y.norm().item()
+        err = (x - y).norm().item()
+        worst = max(worst, err / denom if denom > 0 else err)
+    return worst
+
+
+def plan_rows(report: Any) -> list[tuple[str, str, str | None]]:
+    """A report's decisions as comparable ``(tensor name, keep|recompute|quantize, format)`` triples."""
+    return [(row.name, row.decision, row.fmt) for row in report.rows]
+
+
+def fxmem_warnings(records: Iterable[logging.LogRecord]) -> list[logging.LogRecord]:
+    """The WARNING records logged by fxmem's loggers."""
+    return [r for r in records if r.levelno == logging.WARNING and (r.name == "fxmem" or r.name.startswith("fxmem."))]

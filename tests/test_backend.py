@@ -1,0 +1,358 @@
+"""End-to-end tests of the fxmem backend on the tiny reference models (CPU).
+
+Most tests use ``codegen="eager"`` (AOTAutograd runs fxmem's forward and backward graphs as plain FX),
+which exercises the whole planning pipeline in about a second per model; the few Inductor tests are
+marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import fxmem
+import fxmem.partitioner
+from fxmem.capture import UnsupportedGraph
+from fxmem.compiler import FxmemCompiler
+from fxmem.partitioner import InfeasibleBudget
+from tests.helpers import (
+    TINY_PRESETS,
+    build,
+    eager_step,
+    fxmem_warnings,
+    measure_saved_bytes,
+    params_and_buffers,
+    plan_rows,
+    rel_err,
+    run_step,
+)
+
+# fp32 with codegen="eager": fxmem runs the same aten ops as eager PyTorch, only split differently and
+# with some of them recomputed, so gradients agree to rounding (in practice bit for bit).
+EAGER_TOL = 1e-6
+# fp32 with Inductor: fused kernels reorder floating-point reductions, so results differ by rounding.
+INDUCTOR_TOL = 1e-4
+# Fractional budgets recompute more of the forward; recomputation with the same ops is exact, but allow
+# for a different summation order in the backward.
+BUDGET_TOL = 1e-5
+# A fractional budget B promises at most B x the default's saved bytes; allow 2% of it for slack.
+BUDGET_SLACK = 0.02
+BUDGETS = (0.7, 0.4, 0.1)
+# Models whose default torch.compile (Inductor) is compiled for the saved-bytes comparison; the others
+# are compared with fxmem's own computation of the default partitioner's plan.
+DEFAULT_COMPILED = {("gpt", "tiny"), ("mlp", "tiny"), ("resnet", "tiny")}
+INDUCTOR_MODELS = [("gpt", "tiny"), ("resnet", "tiny"), ("mlp", "tiny")]
+DROPOUT_MODELS = [("gpt", "tiny-dropout"), ("vit", "tiny-dropout"), ("mlp", "tiny-dropout")]
+DROPOUT_SEEDS = (1, 2)
+DROPOUT_OPTIONS = {"memory_budget": 0.2, "codegen": "eager"}
+
+
+def _id(case: tuple[str, str]) -> str:
+    return "-".join(case)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    fxmem.clear_reports()
+    yield
+    torch._dynamo.reset()
+    fxmem.clear_reports()
+
+
+@pytest.fixture
+def fallback_random():
+    """Inductor generates random numbers with PyTorch's eager RNG, so dropout masks match eager."""
+    old = torch._inductor.config.fallback_random
+    torch._inductor.config.fallback_random = True
+    try:
+        yield
+    finally:
+        torch._inductor.config.fallback_random = old
+
+
+def _only_report(backend: FxmemCompiler):
+    assert len(backend.reports) == 1, [r.summary() for r in backend.reports]
+    report = backend.reports[0]
+    assert report.fallback_reason is None, report.fallback_reason
+    return report
+
+
+# --- gradients -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", TINY_PRESETS, ids=_id)
+def test_gradients_match_eager_with_eager_codegen(case):
+    loss_ref, grads_ref, _ = eager_step(*case)
+    model, inputs = build(*case)
+    backend = fxmem.backend(codegen="eager")
+    loss, grads, _ = run_step(model, inputs, backend)
+    _only_report(backend)
+    assert rel_err(loss, loss_ref) <= EAGER_TOL
+    assert rel_err(grads, grads_ref) <= EAGER_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", INDUCTOR_MODELS, ids=_id)
+def test_gradients_match_eager_with_inductor(case):
+    loss_ref, grads_ref, _ = eager_step(*case)
+    model, inputs = build(*case)
+    backend = fxmem.backend()  # codegen="inductor" is the default
+    loss, grads, saved = run_step(model, inputs, backend)
+    report = _only_report(backend)
+    assert rel_err(loss, loss_ref) <= INDUCTOR_TOL
+    assert rel_err(grads, grads_ref) <= INDUCTOR_TOL
+    # The prediction models Inductor's own saved tensors (layout copies included).
+    assert saved == report.predicted_saved_bytes
+    assert saved <= report.reference_saved_bytes
+
+
+# --- saved bytes -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c in DEFAULT_COMPILED else c for c in TINY_PRESETS],
+    ids=_id,
+)
+def test_saved_bytes_at_most_default(case):
+    model, inputs = build(*case)
+    backend = fxmem.backend(codegen="eager")
+    _, _, saved = run_step(model, inputs, backend)
+    report = _only_report(backend)
+    # The prediction is what saved-tensor hooks see, to the byte.
+    assert report.predicted_saved_bytes == saved
+    assert report.reference_saved_bytes is not None
+    assert 0 < saved <= report.reference_saved_bytes
+    if case in DEFAULT_COMPILED:
+        model, inputs = build(*case)
+        _, _, default_saved = run_step(model, inputs, "inductor")
+        assert saved <= default_saved
+
+
+@pytest.mark.parametrize("case", [("gpt", "tiny"), ("vit", "tiny")], ids=_id)
+def test_fractional_budgets(case):
+    _, grads_ref, _ = eager_step(*case)
+    measured = []
+    for budget in BUDGETS:
+        torch._dynamo.reset()
+        model, inputs = build(*case)
+        backend = fxmem.backend(memory_budget=budget, codegen="eager")
+        _, grads, saved = run_step(model, inputs, backend)
+        report = _only_report(backend)
+        assert report.predicted_saved_bytes == saved
+        assert report.budget_bytes == pytest.approx(budget * report.reference_saved_bytes)
+        if report.plan.feasible:
+            assert saved <= (budget + BUDGET_SLACK) * report.reference_saved_bytes, (budget, saved)
+        assert rel_err(grads, grads_ref) <= BUDGET_TOL, budget
+        measured.append(saved)
+    assert measured == sorted(measured, reverse=True), dict(zip(BUDGETS, measured, strict=True))
+    assert measured[-1] < measured[0]
+
+
+# --- ways of passing options -----------------------------------------------------------------------------
+
+
+def test_backend_factory_and_options_give_the_same_plan():
+    options = {"memory_budget": 0.5, "codegen": "eager"}
+    model, inputs = build("vit")
+    loss_a, grads_a, saved_a = run_step(model, inputs, fxmem.backend(**options))
+    (report_a,) = fxmem.reports()
+
+    torch._dynamo.reset()
+    fxmem.clear_reports()
+    model, inputs = build("vit")
+    loss_b, grads_b, saved_b = run_step(model, inputs, "fxmem", options)
+    (report_b,) = fxmem.reports()
+
+    assert report_a.options == report_b.options
+    assert report_a.options["memory_budget"] == 0.5
+    assert plan_rows(report_a) and plan_rows(report_a) == plan_rows(report_b)
+    assert report_a.plan.saved == report_b.plan.saved
+    assert report_a.plan.recomputed == report_b.plan.recomputed
+    assert report_a.predicted_saved_bytes == report_b.predicted_saved_bytes
+    assert saved_a == saved_b
+    assert torch.equal(loss_a, loss_b)
+    assert rel_err(grads_a, grads_b) == 0.0
+
+
+def test_fxmem_compile_helper():
+    _, grads_ref, _ = eager_step("mlp")
+    model, inputs = build("mlp")
+    compiled = fxmem.compile(model, {"codegen": "eager"})
+    loss, saved = measure_saved_bytes(compiled, *inputs, exclude=params_and_buffers(model))
+    loss.backward()
+    assert rel_err([p.grad for p in model.parameters()], grads_ref) <= EAGER_TOL
+    (report,) = fxmem.reports()
+    assert report.predicted_saved_bytes == saved
+
+
+def test_backend_instance_with_options_records_its_reports():
+    model, inputs = build("mlp")
+    backend = fxmem.backend(codegen="eager")
+    run_step(model, inputs, backend, {"memory_budget": 0.5})
+    assert len(fxmem.reports()) == 1  # the graph was planned...
+    assert len(backend.reports) == 1  # ...but the instance the user holds never hears of it
+
+
+# --- dropout ---------------------------------------------------------------------------------------------
+
+
+def _dropout_check(case, options, tol, caplog):
+    eager = {s: eager_step(*case, seed=s) for s in DROPOUT_SEEDS}
+    # The seeds give different dropout masks, so matching both shows the masks really are the same.
+    assert not torch.equal(eager[DROPOUT_SEEDS[0]][0], eager[DROPOUT_SEEDS[1]][0])
+
+    model, inputs = build(*case)
+    backend = fxmem.backend(**options)
+    compiled = torch.compile(model, backend=backend)
+    with caplog.at_level(logging.WARNING, logger="fxmem"):
+        for seed in DROPOUT_SEEDS:
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)
+            loss = compiled(*inputs)
+            loss.backward()
+            loss_ref, grads_ref, _ = eager[seed]
+            assert rel_err(loss, loss_ref) <= tol, seed
+            assert rel_err([p.grad for p in model.parameters()], grads_ref) <= tol, seed
+    report = _only_report(backend)
+    warnings = [r for r in fxmem_warnings(caplog.records) if "cannot be met" in r.getMessage()]
+    if not report.plan.feasible:
+        assert len(warnings) == 1
+        assert f"graph {report.graph_id}" in warnings[0].getMessage()
+    else:
+        assert not warnings
+    return report
+
+
+@pytest.mark.parametrize("case", DROPOUT_MODELS, ids=_id)
+def test_dropout_matches_eager_under_the_same_seed(case, fallback_random, caplog):
+    # A fraction is best-effort by default (on_infeasible="auto"): an unmeetable 0.2 warns and runs.
+    assert fxmem.FxmemConfig(**DROPOUT_OPTIONS).strict_budget is False
+    _dropout_check(case, DROPOUT_OPTIONS, EAGER_TOL, caplog)
+
+
+@pytest.mark.slow
+def test_dropout_matches_eager_under_the_same_seed_with_inductor(fallback_random, caplog):
+    _dropout_check(("mlp", "tiny-dropout"), {**DROPOUT_OPTIONS, "codegen": "inductor"}, INDUCTOR_TOL, caplog)
+
+
+# --- budgets that cannot be met --------------------------------------------------------------------------
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def test_unmeetable_fraction_warns_by_default(caplog):
+    # Dropout masks cannot be recomputed, so mlp tiny-dropout cannot go below about half the default.
+    model, inputs = build("mlp", "tiny-dropout")
+    backend = fxmem.backend(memory_budget=0.1, codegen="eager")
+    assert backend.config.on_infeasible == "auto"
+    with caplog.at_level(logging.WARNING, logger="fxmem"):
+        _, _, saved = run_step(model, inputs, backend)
+    report = _only_report(backend)
+    assert not report.plan.feasible
+    assert saved == report.predicted_saved_bytes > 0.1 * report.reference_saved_bytes
+    (warning,) = fxmem_warnings(caplog.records)
+    assert "memory_budget 0.1 cannot be met" in warning.getMessage()
+    assert f"graph {report.graph_id}" in warning.getMessage()
+
+
+def test_unmeetable_fraction_raises_with_on_infeasible_error():
+    model, inputs = build("mlp", "tiny-dropout")
+    backend = fxmem.backend(memory_budget=0.1, codegen="eager", on_infeasible="error")
+    with pytest.raises(Exception) as info:
+        run_step(model, inputs, backend)
+    (err,) = [e for e in _chain(info.value) if isinstance(e, InfeasibleBudget)]
+    assert "memory_budget 0.1 cannot be met" in str(err)
+    assert "best_effort" in str(err)
+    assert not backend.reports
+
+
+def test_unmeetable_absolute_budget_raises_by_default():
+    # 1000 bytes is less than the parameters alone, so no plan's peak can fit.
+    model, inputs = build("mlp")
+    backend = fxmem.backend(memory_budget=1000, codegen="eager")
+    assert backend.config.strict_budget
+    with pytest.raises(Exception) as info:
+        run_step(model, inputs, backend)
+    assert any(isinstance(e, InfeasibleBudget) for e in _chain(info.value))
+
+
+def test_unmeetable_absolute_budget_runs_with_best_effort(caplog):
+    _, grads_ref, _ = eager_step("mlp")
+    model, inputs = build("mlp")
+    backend = fxmem.backend(memory_budget=1000, codegen="eager", on_infeasible="best_effort")
+    with caplog.at_level(logging.WARNING, logger="fxmem"):
+        _, grads, saved = run_step(model, inputs, backend)
+    report = _only_report(backend)
+    assert saved == report.predicted_saved_bytes
+    assert rel_err(grads, grads_ref) <= EAGER_TOL
+    assert any("1000 bytes cannot be met" in r.getMessage() for r in fxmem_warnings(caplog.records))
+
+
+# --- inference and fallback ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [("mlp", "tiny"), ("gpt", "tiny")], ids=_id)
+def test_inference_is_not_partitioned(case):
+    model, inputs = build(*case)
+    with torch.no_grad():
+        expected = model(*inputs)
+        backend = fxmem.backend(codegen="eager")
+        got = torch.compile(model, backend=backend)(*inputs)
+    assert rel_err(got, expected) <= EAGER_TOL
+    assert not got.requires_grad
+    assert backend.reports == []
+    assert fxmem.reports() == []
+
+
+def test_fallback_on_unsupported_graph(monkeypatch, caplog):
+    def unsupported(*args, **kwargs):
+        raise UnsupportedGraph("test reason")
+
+    monkeypatch.setattr(fxmem.partitioner, "capture", unsupported)
+    loss_ref, grads_ref, _ = eager_step("mlp")
+    model, inputs = build("mlp")
+    backend = fxmem.backend(codegen="eager")
+    with caplog.at_level(logging.WARNING, logger="fxmem"):
+        loss, grads, saved = run_step(model, inputs, backend)
+    assert rel_err(loss, loss_ref) <= EAGER_TOL
+    assert rel_err(grads, grads_ref) <= EAGER_TOL
+
+    (report,) = backend.reports
+    assert report.fallback_reason == "test reason"
+    assert report.plan is None and report.rows == []
+    # The fallback is PyTorch's own partitioner: it saves exactly what the reference predicts.
+    assert saved == report.predicted_saved_bytes == report.reference_saved_bytes
+    assert "PyTorch's partitioner" in report.summary()
+
+    (warning,) = fxmem_warnings(caplog.records)
+    message = warning.getMessage()
+    assert warning.name.startswith("fxmem")
+    assert f"graph {report.graph_id}" in message
+    assert "test reason" in message
+
+
+def test_fallback_on_any_planning_error(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("planner exploded")
+
+    monkeypatch.setattr(fxmem.partitioner, "_plan_and_split", broken)
+    _, grads_ref, _ = eager_step("mlp")
+    model, inputs = build("mlp")
+    backend = fxmem.backend(codegen="eager")
+    with caplog.at_level(logging.WARNING, logger="fxmem"):
+        _, grads, _ = run_step(model, inputs, backend)
+    assert rel_err(grads, grads_ref) <= EAGER_TOL
+    (report,) = backend.reports
+    assert report.fallback_reason == "RuntimeError: planner exploded"
+    (warning,) = fxmem_warnings(caplog.records)
+    assert "RuntimeError: planner exploded" in warning.getMessage()
