@@ -79,7 +79,9 @@ def build_problem(
         options: list[QuantOption] = []
         if tensor is not None and held > 0 and tensor.dense and facts.kind != "view":
             numel = tensor.nbytes // tensor.dtype.itemsize
-            if tensor.dtype == torch.bool:
+            if joint.dynamic:
+                pass  # codecs are traced at static sizes; under dynamic shapes tensors stay as they are
+            elif tensor.dtype == torch.bool:
                 options.append(QuantOption(BITMASK, packed_bool_bytes(numel), cost.quant_time(held, numel // 8)))
             elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and facts.quantizable:
                 for fmt, q in quantizers.items():
