@@ -65,3 +65,14 @@ def predicted_saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int, static: list
     if codegen == "inductor":
         total += _layout_copies(fw, saved)
     return total
+
+
+def outside_graph_bytes(gm: fx.GraphModule) -> int:
+    """CUDA memory allocated now that is not one of the graph's inputs (optimizer state, other models):
+    it stays live through the step, so an absolute budget must leave room for it. 0 off CUDA."""
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder") if _compat.is_primal(n)]
+    devices = {v.device for v in vals if isinstance(v, torch.Tensor) and v.device.type == "cuda"}
+    if len(devices) != 1 or not torch.cuda.is_available():
+        return 0
+    inputs = held_bytes(vals, [])
+    return max(0, torch.cuda.memory_allocated(devices.pop()) - inputs)

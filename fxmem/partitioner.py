@@ -23,7 +23,7 @@ from fxmem import _compat
 from fxmem.capture import JointGraph, UnsupportedGraph, capture
 from fxmem.config import FxmemConfig
 from fxmem.cost import get_cost_model, resolve_profile
-from fxmem.memory import predicted_saved_bytes, static_vals
+from fxmem.memory import outside_graph_bytes, predicted_saved_bytes, static_vals
 from fxmem.planner import PlanningInputs, build_problem
 from fxmem.report import GraphReport, record_report, tensor_rows
 from fxmem.rewrite import split
@@ -32,8 +32,9 @@ from fxmem.solve import Plan, get_solver
 
 log = logging.getLogger(__name__)
 _graph_ids = itertools.count()
-# Rounds of re-planning to bring the simulated peak under an absolute budget.
-_PEAK_ROUNDS = 6
+# Held bytes, as fractions of the larger of the first plan's and the default's, tried in turn to bring
+# the simulated peak under an absolute budget.
+_SAVED_FRACTIONS = (0.7, 0.5, 0.35, 0.25, 0.17, 0.11, 0.07, 0.04, 0.02, 0.0)
 
 
 class InfeasibleBudget(ValueError):
@@ -173,7 +174,10 @@ def _attempt(
 
     t = time.perf_counter()
     fw, bw, saved = split(joint, plan, inputs.codecs, inputs.node_codecs)
-    timeline = simulate(fw, bw, num_fwd_outputs, static_vals(gm, static), fused=config.codegen == "inductor")
+    timeline = simulate(
+        fw, bw, num_fwd_outputs, static_vals(gm, static), fused=config.codegen == "inductor",
+        outside_bytes=outside_graph_bytes(gm),
+    )  # fmt: skip
     report.add_pass("rewrite", t, f"forward saves {len(saved)} tensors; {len(plan.recomputed)} nodes recomputed")
     return _Attempt(fw, bw, plan, inputs, joint, timeline, len(saved))
 
@@ -190,21 +194,7 @@ def _plan_and_split(
     attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report)
     feasible = attempt.plan.feasible
     if isinstance(budget, int):
-        # An absolute budget bounds the simulated peak: shrink the bytes the plan may hold by the overshoot
-        # until the peak fits, or the plan cannot shrink further.
-        best = attempt
-        saved_budget = float(budget)
-        for _ in range(_PEAK_ROUNDS):
-            overshoot = attempt.timeline.peak_bytes - budget
-            if overshoot <= 0 and attempt.plan.feasible:
-                break
-            saved_budget = min(saved_budget, attempt.plan.saved_bytes) - max(overshoot, 0.02 * budget)
-            attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report, saved_budget)
-            if attempt.timeline.peak_bytes < best.timeline.peak_bytes:
-                best = attempt
-            if not attempt.plan.feasible:
-                break
-        attempt = best if attempt.timeline.peak_bytes > budget else attempt
+        attempt = _fit_peak(gm, num_fwd_outputs, static, config, reference, report, attempt, budget)
         feasible = attempt.timeline.peak_bytes <= budget
     if not feasible:
         _infeasible(config, report, attempt)
@@ -218,6 +208,27 @@ def _plan_and_split(
     )
     report.rows = tensor_rows(attempt.joint, plan, attempt.problem_inputs)
     return attempt.fw, attempt.bw
+
+
+def _fit_peak(
+    gm: fx.GraphModule, num_fwd_outputs: int, static: list[int], config: FxmemConfig, reference: int | None,
+    report: GraphReport, first: _Attempt, budget: int,
+) -> _Attempt:  # fmt: skip
+    """An absolute budget bounds the simulated peak, which is not monotonic in the bytes a plan holds
+    (recomputing more makes larger transients). Try plans holding ever fewer bytes, in a fixed order,
+    and take the first whose peak fits: the least added time among them, and a smaller budget can only
+    move the choice later in the order, to a plan whose peak is no larger. None fits: the lowest peak."""
+    scale = max(first.plan.saved_bytes, reference or 0)
+    best = first
+    attempt = first
+    for fraction in (None, *_SAVED_FRACTIONS):
+        if fraction is not None:
+            attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report, fraction * scale)
+        if attempt.timeline.peak_bytes <= budget:
+            return attempt
+        if attempt.timeline.peak_bytes < best.timeline.peak_bytes:
+            best = attempt
+    return best
 
 
 def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> None:

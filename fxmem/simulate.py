@@ -27,7 +27,7 @@ class Timeline:
     """Live bytes (parameters included) after each node, forward then backward."""
 
     points: list[tuple[str, str, int]] = field(default_factory=list)  # (phase, node name, live bytes)
-    static_bytes: int = 0
+    static_bytes: int = 0  # parameters and buffers, plus device memory held outside the graph
 
     @property
     def peak_bytes(self) -> int:
@@ -126,10 +126,13 @@ def simulate(
     static: Iterable[Any],
     *,
     fused: bool,
+    outside_bytes: int = 0,
 ) -> Timeline:
+    """``outside_bytes``: device memory live outside the graph (e.g. optimizer state), a constant floor."""
     static_list = [v for v in static if isinstance(v, torch.Tensor)]
     static_keys = {_key(v) for v in static_list}
-    timeline = Timeline(static_bytes=sum(_bytes(v) for v in {_key(v): v for v in static_list}.values()))
+    params = sum(_bytes(v) for v in {_key(v): v for v in static_list}.values())
+    timeline = Timeline(static_bytes=params + outside_bytes)
     (fw_out,) = fw.graph.find_nodes(op="output")
     fw_results = [n for n in fw_out.args[0] if isinstance(n, fx.Node)]
     memory = _Memory(0)
