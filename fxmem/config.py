@@ -74,13 +74,16 @@ def _normalise_budget(value: Any) -> float | int | None:
 
 
 def _normalise_quantize(value: Any) -> tuple[str, ...]:
+    from fxmem.quant import available_quantizers  # registered quantizers are valid values too
+
+    valid = tuple(dict.fromkeys((*QUANTIZE_MODES, *available_quantizers())))
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, (list, tuple)) or not values:
-        raise ValueError(f"quantize: expected one of {', '.join(QUANTIZE_MODES)} or a list of them, got {value!r}")
+        raise ValueError(f"quantize: expected one of {', '.join(valid)} or a list of them, got {value!r}")
     modes = []
     for item in values:
-        if not isinstance(item, str) or item.lower() not in QUANTIZE_MODES:
-            raise ValueError(f"quantize: unknown value {item!r}; valid values: {', '.join(QUANTIZE_MODES)}")
+        if not isinstance(item, str) or item.lower() not in valid:
+            raise ValueError(f"quantize: unknown value {item!r}; valid values: {', '.join(valid)}")
         modes.append(item.lower())
     if "none" in modes and len(modes) > 1:
         raise ValueError("quantize: 'none' cannot be combined with other formats")

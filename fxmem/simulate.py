@@ -116,7 +116,8 @@ def _walk(
                 memory.release(held.pop(arg))
         if node not in last_use and node in held and node.name not in keep:
             memory.release(held.pop(node))
-        timeline.points.append((phase, node.name, memory.live + timeline.static_bytes))
+        if node.op != "placeholder":  # inputs are all live on entry: one point once the first op runs
+            timeline.points.append((phase, node.name, memory.live + timeline.static_bytes))
 
 
 def simulate(
