@@ -34,6 +34,7 @@ _NORMALIZATION_OPS = {
     "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_functional", "_native_batch_norm_legit",
     "native_group_norm", "var_mean", "var", "std", "_fused_rms_norm",
 }  # fmt: skip
+_ROW_NORMALIZATION_OPS = {"native_layer_norm", "_fused_rms_norm"}
 _REDUCTION_OPS = {
     "sum", "mean", "amax", "amin", "max", "min", "var", "var_mean", "std", "prod", "argmax", "argmin",
     "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit_functional", "_softmax",
@@ -69,6 +70,7 @@ class NodeFacts:
     can_recompute: bool
     can_save: bool
     quantizable: bool  # False for a normalisation's input, whose stored error the backward amplifies by 1/std
+    norm_input: str | None  # "row" (layer/RMS norm: statistics of one row) or "batch" (over many rows)
     user_policy: str | None  # a torch.utils.checkpoint policy name, when the user annotated the node
 
 
@@ -245,17 +247,36 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
     return joint
 
 
+def _norm_kind(user: fx.Node) -> str | None:
+    """Whether ``user`` normalises by the statistics of single rows (its last dim) or of many rows."""
+    name = _op_name(user)
+    if name not in _NORMALIZATION_OPS:
+        return None
+    if name in _ROW_NORMALIZATION_OPS:
+        return "row"
+    if name in ("var_mean", "var", "std"):
+        dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+        val = user.args[0].meta.get("val") if isinstance(user.args[0], fx.Node) else None
+        last = val.dim() - 1 if isinstance(val, torch.Tensor) else None
+        if isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] in (-1, last):
+            return "row"
+    return "batch"
+
+
 def _mark_normalisation_inputs(joint: JointGraph) -> None:
-    """Mark the tensors a normalisation reads, directly or through views (planner: row-aligned int8 only)."""
-    feeds_norm: set[fx.Node] = set()
+    """Mark the tensors a normalisation reads, directly or through views: the planner stores them only in
+    formats whose error the normalisation's backward does not blow up."""
+    kinds: dict[fx.Node, str] = {}
     for node in reversed(joint.forward):
         for user in node.users:
             user_facts = joint.facts.get(user)
             is_view = user_facts is not None and user_facts.kind == "view"
-            if _op_name(user) in _NORMALIZATION_OPS or (is_view and user in feeds_norm):
-                feeds_norm.add(node)
-                joint.facts[node].quantizable = False
-                break
+            kind = _norm_kind(user) or (kinds.get(user) if is_view else None)
+            if kind is not None and kinds.get(node) != "row":
+                kinds[node] = kind
+        if node in kinds:
+            joint.facts[node].quantizable = False
+            joint.facts[node].norm_input = kinds[node]
 
 
 def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, str]) -> NodeFacts:
@@ -297,6 +318,7 @@ def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, st
         bytes_moved=_bytes_of(val) + sum(_bytes_of(v) for v in args_vals),
         can_recompute=can_recompute,
         can_save=can_save,
-        quantizable=True,  # refined by _mark_normalisation_inputs once all users are known
+        quantizable=True,  # this and norm_input are set by _mark_normalisation_inputs once users are known
+        norm_input=None,
         user_policy=policy_name,
     )

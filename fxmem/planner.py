@@ -88,8 +88,15 @@ def build_problem(
                     stored = q.stored_bytes(numel, tensor.dtype)
                     penalty = cost.precision_penalty(held, q.bits)
                     options.append(QuantOption(fmt, stored, cost.quant_time(held, stored), penalty))
+            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and facts.norm_input == "batch":
+                # Batch/group norm statistics span many rows, which averages stored errors out: 4 bits and up.
+                for fmt in ("int8", *(f for f, q in quantizers.items() if q.bits >= 4 and f != "int8")):
+                    q = quantizers.get(fmt) or get_quantizer(fmt, group_size=config.group_size)
+                    stored = q.stored_bytes(numel, tensor.dtype)
+                    penalty = cost.precision_penalty(held, q.bits)
+                    options.append(QuantOption(fmt, stored, cost.quant_time(held, stored), penalty))
             elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and quantizers:
-                # A normalisation's input: the backward divides its error by the row's std, so it is stored
+                # A layer/RMS norm's input: the backward divides its error by the row's std, so it is stored
                 # only as int8 (whichever format was asked for), in groups that never straddle two rows.
                 group = _row_group(tensor.shape_hint[-1] if tensor.shape_hint else numel)
                 codec = make_codec("int8", config, group)

@@ -61,8 +61,8 @@ def _inline(graph: fx.Graph, traced: fx.GraphModule, inputs: Sequence[fx.Node], 
     raise AssertionError("traced codec graph has no output")
 
 
-def _insert_codec(joint: JointGraph, node: fx.Node, codec: Codec, readers: list[fx.Node]) -> list[fx.Node]:
-    """Quantize ``node`` after it is computed; let ``readers`` read its dequantized copy instead."""
+def _insert_codec(joint: JointGraph, node: fx.Node, codec: Codec) -> tuple[list[fx.Node], fx.Node]:
+    """Quantize ``node`` right after it is computed; returns the payload nodes and the dequantized copy."""
     graph = joint.gm.graph
     val = node.meta["val"]
     encoded = _trace(lambda x: tuple(codec.encode(x)), [val])
@@ -70,13 +70,24 @@ def _insert_codec(joint: JointGraph, node: fx.Node, codec: Codec, readers: list[
     payload_vals = [p.meta["val"] for p in payload]
     decoded = _trace(lambda *p: codec.decode(tuple(p), val), payload_vals)
     (restored,) = _inline(graph, decoded, payload, payload[-1])
-    for reader in readers:
-        reader.replace_input_with(node, restored)
-    return payload
+    return payload, restored
 
 
-def _backward_readers(joint: JointGraph, node: fx.Node, recomputed: set[fx.Node]) -> list[fx.Node]:
-    return [u for u in node.users if u in joint.backward or u in recomputed]
+def _rewire_backward(joint: JointGraph, restored: dict[fx.Node, fx.Node], recomputed: set[fx.Node]) -> None:
+    """Let the backward read dequantized copies. A recomputed node that reads one, directly or through
+    other recomputed nodes, may also run in the forward, which must keep full precision: the backward
+    gets its own copy of such a node."""
+    graph = joint.gm.graph
+    replacement = dict(restored)
+    for node in joint.forward:  # topological: a node's inputs are replaced before it is looked at
+        if node in recomputed and any(arg in replacement for arg in node.all_input_nodes):
+            # Inputs (dequantize nodes, earlier copies) sit between the quantized node and this one.
+            with graph.inserting_after(node):
+                replacement[node] = graph.node_copy(node, lambda arg: replacement.get(arg, arg))
+    for original, substitute in replacement.items():
+        for user in list(original.users):
+            if user in joint.backward:
+                user.replace_input_with(original, substitute)
 
 
 def split(
@@ -86,6 +97,7 @@ def split(
     by_name = {n.name: n for n in joint.forward}
     recomputed = {by_name[name] for name in plan.recomputed}
     saved: list[fx.Node] = []
+    restored: dict[fx.Node, fx.Node] = {}
     for node in joint.forward:  # graph order keeps the saved list stable
         if node.name not in plan.saved:
             continue
@@ -94,7 +106,9 @@ def split(
             saved.append(node)
         else:
             codec = (node_codecs or {}).get(node.name) or codecs[fmt]
-            saved.extend(_insert_codec(joint, node, codec, _backward_readers(joint, node, recomputed)))
+            payload, restored[node] = _insert_codec(joint, node, codec)
+            saved.extend(payload)
+    _rewire_backward(joint, restored, recomputed)
 
     forward = set(joint.forward)
     readers = joint.backward | recomputed
