@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from fxmem.capacity import max_batch_size
 from fxmem.compiler import FxmemCompiler, backend, compile, fxmem_backend
 from fxmem.config import FxmemConfig
 from fxmem.inspection import Report, inspect
@@ -26,6 +27,7 @@ __all__ = [
     "backend",
     "compile",
     "fxmem_backend",
+    "max_batch_size",
     # inspecting
     "GraphReport",
     "Report",

@@ -71,6 +71,7 @@ class NodeFacts:
     can_save: bool
     quantizable: bool  # False for a normalisation's input, whose stored error the backward amplifies by 1/std
     norm_input: str | None  # "row" (layer/RMS norm: statistics of one row) or "batch" (over many rows)
+    sign_read: bool  # a ReLU's output: its backward reads the sign, which quantization must keep
     user_policy: str | None  # a torch.utils.checkpoint policy name, when the user annotated the node
 
 
@@ -265,8 +266,9 @@ def _norm_kind(user: fx.Node) -> str | None:
 
 def _mark_normalisation_inputs(joint: JointGraph) -> None:
     """Mark the tensors a normalisation reads, directly or through views: the planner stores them only in
-    formats whose error the normalisation's backward does not blow up."""
-    kinds: dict[fx.Node, str] = {}
+    formats whose error the normalisation's backward does not blow up. A log-softmax output (the loss's
+    saved log-probabilities, whose gradient is exp of it) is treated like a row normalisation's input."""
+    kinds: dict[fx.Node, str] = {n: "row" for n in joint.forward if _op_name(n) == "_log_softmax"}
     for node in reversed(joint.forward):
         for user in node.users:
             user_facts = joint.facts.get(user)
@@ -304,7 +306,7 @@ def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, st
     can_save = (
         tensor is not None and not _is_multi_output(node) and not is_sym and (kind != "view" or not can_recompute)
     )
-    if policy_name == "MUST_RECOMPUTE" and can_recompute:
+    if policy_name in ("MUST_RECOMPUTE", "PREFER_RECOMPUTE") and can_recompute:  # user checkpoint regions
         can_save = False
     if node.op == "call_function" and not is_sym and tensor is None and not isinstance(val, (list, tuple)):
         if node.users:
@@ -320,5 +322,6 @@ def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, st
         can_save=can_save,
         quantizable=True,  # this and norm_input are set by _mark_normalisation_inputs once users are known
         norm_input=None,
+        sign_read=_op_name(node) in ("relu", "threshold"),
         user_policy=policy_name,
     )

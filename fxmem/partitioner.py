@@ -192,7 +192,7 @@ def _plan_and_split(
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     budget = config.memory_budget
     attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report)
-    feasible = attempt.plan.feasible
+    feasible = attempt.plan.feasible or budget is None  # with no budget the time bound is a preference
     if isinstance(budget, int):
         attempt = _fit_peak(gm, num_fwd_outputs, static, config, reference, report, attempt, budget)
         feasible = attempt.timeline.peak_bytes <= budget

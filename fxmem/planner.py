@@ -11,7 +11,7 @@ from fxmem import _compat
 from fxmem.capture import JointGraph
 from fxmem.config import FxmemConfig
 from fxmem.cost import CostModel
-from fxmem.quant import get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
+from fxmem.quant import IntegerQuantizer, get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
 from fxmem.rewrite import Codec
 from fxmem.solve import Problem, QuantOption, SolverNode
 
@@ -32,16 +32,17 @@ class PlanningInputs:
     formats: tuple[str, ...]
     bits: dict[str, int]
     codecs: dict[str, Codec]
-    node_codecs: dict[str, Codec]  # per-node overrides (row-aligned groups for normalisation inputs)
+    node_codecs: dict[tuple[str, str], Codec]  # (node, format) overrides: row-aligned groups, sign keeping
     step_s: float  # estimated time of a training step on the profile
     node_time_s: dict[str, float]  # each forward node's own estimated time
 
 
-def make_codec(fmt: str, config: FxmemConfig, group_size: int | None = None) -> Codec:
+def make_codec(fmt: str, config: FxmemConfig, group_size: int | None = None, keep_sign: bool = False) -> Codec:
     if fmt == BITMASK:
         return Codec(BITMASK, lambda x: (pack_bool(x),), lambda p, like: unpack_bool(p[0], like.shape, like.stride()))
     group = group_size or config.group_size
-    quantizer = get_quantizer(fmt, group_size=group, stochastic=config.stochastic_rounding)
+    extra = {"keep_sign": True} if keep_sign else {}
+    quantizer = get_quantizer(fmt, group_size=group, stochastic=config.stochastic_rounding, **extra)
     return Codec(
         fmt,
         lambda x: tuple(quantizer.quantize(x)),
@@ -63,7 +64,7 @@ def build_problem(
     owners_static = {n.name for n in joint.static_inputs}
     required = set(joint.required)
     nodes: list[SolverNode] = []
-    node_codecs: dict[str, Codec] = {}
+    node_codecs: dict[tuple[str, str], Codec] = {}
     node_time: dict[str, float] = {}
     known: set[str] = set()
     for node in joint.forward:
@@ -81,13 +82,15 @@ def build_problem(
             numel = tensor.nbytes // tensor.dtype.itemsize
             if joint.dynamic:
                 pass  # codecs are traced at static sizes; under dynamic shapes tensors stay as they are
-            elif tensor.dtype == torch.bool:
+            elif tensor.dtype == torch.bool and config.codegen == "eager":
                 options.append(QuantOption(BITMASK, packed_bool_bytes(numel), cost.quant_time(held, numel // 8)))
             elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and facts.quantizable:
                 for fmt, q in quantizers.items():
                     stored = q.stored_bytes(numel, tensor.dtype)
                     penalty = cost.precision_penalty(held, q.bits)
                     options.append(QuantOption(fmt, stored, cost.quant_time(held, stored), penalty))
+                    if facts.sign_read and isinstance(q, IntegerQuantizer):
+                        node_codecs[(node.name, fmt)] = make_codec(fmt, config, keep_sign=True)
             elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and facts.norm_input == "batch":
                 # Batch/group norm statistics span many rows, which averages stored errors out: 4 bits and up.
                 for fmt in ("int8", *(f for f, q in quantizers.items() if q.bits >= 4 and f != "int8")):
@@ -104,7 +107,7 @@ def build_problem(
                 options.append(
                     QuantOption("int8", stored, cost.quant_time(held, stored), cost.precision_penalty(held, 8))
                 )
-                node_codecs[node.name] = codec
+                node_codecs[(node.name, "int8")] = codec
         nodes.append(
             SolverNode(
                 name=node.name,
@@ -130,7 +133,10 @@ def build_problem(
         problem.budget_bytes = budget * reference_bytes
     else:
         problem.budget_bytes = float(budget)
-    all_formats = tuple(dict.fromkeys((*formats, *(("int8",) if formats else ()), BITMASK)))
+    # Bool masks are bit-packed only on the eager codegen: under Inductor on CPU a packed causal mask gave
+    # wrong gradients (not yet understood), so there they stay one byte per element.
+    lossless = (BITMASK,) if config.codegen == "eager" else ()
+    all_formats = tuple(dict.fromkeys((*formats, *(("int8",) if formats else ()), *lossless)))
     codecs = {fmt: make_codec(fmt, config) for fmt in all_formats}
     return PlanningInputs(problem, all_formats, bits, codecs, node_codecs, step_s, node_time)
 

@@ -91,7 +91,10 @@ def _rewire_backward(joint: JointGraph, restored: dict[fx.Node, fx.Node], recomp
 
 
 def split(
-    joint: JointGraph, plan: Plan, codecs: dict[str, Codec], node_codecs: dict[str, Codec] | None = None
+    joint: JointGraph,
+    plan: Plan,
+    codecs: dict[str, Codec],
+    node_codecs: dict[tuple[str, str], Codec] | None = None,
 ) -> tuple[fx.GraphModule, fx.GraphModule, list[fx.Node]]:
     """The forward and backward modules for ``plan``, and the tensors the forward saves."""
     by_name = {n.name: n for n in joint.forward}
@@ -105,7 +108,7 @@ def split(
         if fmt is None:
             saved.append(node)
         else:
-            codec = (node_codecs or {}).get(node.name) or codecs[fmt]
+            codec = (node_codecs or {}).get((node.name, fmt)) or codecs[fmt]
             payload, restored[node] = _insert_codec(joint, node, codec)
             saved.extend(payload)
     _rewire_backward(joint, restored, recomputed)

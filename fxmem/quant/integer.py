@@ -5,8 +5,9 @@ Each group of ``group_size`` consecutive elements (logical order) gets its own f
 * asymmetric (all three registered quantizers): ``scale = (max - min) / L`` with ``L = 2**bits - 1``,
   codes ``round((x - min) / scale)`` in [0, L] as uint8, packed 2 (int4) or 4 (int2) per byte;
   ``dq = min + code * scale``. A group whose min is exactly 0 (typical after ReLU) maps 0 to code 0 and
-  back to exactly 0, and maps every positive value to a code of at least 1, so the sign pattern a
-  ReLU's backward reads survives exactly (values in (0, step/2) then err by up to one step).
+  back to exactly 0. With ``keep_sign=True`` (used for ReLU outputs) it also maps every positive value
+  to a code of at least 1, so the sign pattern a ReLU's backward reads survives exactly (values in
+  (0, step/2) then err by up to one step).
 * symmetric (kept for subclasses, ``symmetric = True``): ``scale = absmax / qmax``, codes
   ``round(x / scale)`` in [-qmax, qmax]; zero is always exact and there is no zero point.
 
@@ -56,7 +57,16 @@ log = logging.getLogger(__name__)
 
 
 class IntegerQuantizer(Quantizer):
-    """Shared implementation; subclasses set ``bits``, ``symmetric`` and ``default_group_size``."""
+    """Shared implementation; subclasses set ``bits``, ``symmetric`` and ``default_group_size``.
+
+    ``keep_sign=True`` (for a ReLU's output, whose backward reads the sign): in a group whose minimum is
+    exactly 0, a positive value never comes back as 0 — it rounds up to one step instead."""
+
+    def __init__(self, group_size: int | None = None, stochastic: bool = False, keep_sign: bool = False) -> None:
+        super().__init__(group_size, stochastic)
+        if not isinstance(keep_sign, bool):
+            raise ValueError(f"{self.name}: keep_sign must be a bool, got {keep_sign!r}")
+        self.keep_sign = keep_sign
 
     def _round(self, y: Tensor) -> Tensor:
         if self.stochastic:
@@ -88,9 +98,9 @@ class IntegerQuantizer(Quantizer):
         half = scale * 0.5
         y = (g * 0.5 - lo * 0.5) / torch.where(half > 0, half, 1.0)
         q = torch.nan_to_num(self._round(y), nan=0.0).clamp(0, top)
-        # In a group whose minimum is exactly 0 (after a ReLU), a positive value must not come back as 0:
-        # the ReLU's backward reads the sign. Such values round up to one step instead.
-        q = torch.where((q == 0) & (g > 0) & (lo == 0), 1.0, q).reshape(-1)[:n]
+        if self.keep_sign:  # not by default: it would turn tiny probabilities into a full step
+            q = torch.where((q == 0) & (g > 0) & (lo == 0), 1.0, q)
+        q = q.reshape(-1)[:n]
         codes = pack_bits(q.to(torch.uint8), self.bits)
         return codes, scale.reshape(-1), lo.reshape(-1)
 

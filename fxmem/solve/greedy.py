@@ -35,6 +35,7 @@ _REMOVED = object()
 DEFAULT_WORK = 3_000_000
 _EJECTIONS = 8  # buying moves tried per ejection round
 _EJECTION_STEPS = 24  # freeing moves at most per ejection chain
+_PATH_MISSES = 8  # the group-by-group path stops after this many plans in a row that do not fit
 
 
 class _Graph:
@@ -49,19 +50,21 @@ class _Graph:
         self.required = [n.required for n in problem.nodes]
         self.can_recompute = [n.can_recompute for n in problem.nodes]
         self.recompute_s = [n.recompute_s for n in problem.nodes]
-        self.options: list[dict[str | None, tuple[int, float]]] = []
+        # fmt -> (bytes held, seconds added, seconds of precision penalty)
+        self.options: list[dict[str | None, tuple[int, float, float]]] = []
         for n in problem.nodes:
-            opts: dict[str | None, tuple[int, float]] = {}
+            opts: dict[str | None, tuple[int, float, float]] = {}
             if n.can_save:
-                opts[None] = (n.save_bytes, 0.0)
+                opts[None] = (n.save_bytes, 0.0, 0.0)
                 for o in n.quant_options:
                     if o.fmt in formats:
-                        opts[o.fmt] = (o.stored_bytes, o.added_s)
+                        opts[o.fmt] = (o.stored_bytes, o.added_s, o.penalty_s)
             self.options.append(opts)
 
 
 class PlanState:
-    """A valid saved set over the nodes the backward reaches, with its held bytes and added time.
+    """A valid saved set over the nodes the backward reaches, with its held bytes, added time and the
+    precision penalty of its quantized formats (which solvers minimise with the time but never report).
 
     Raises ``ValueError`` if ``saved`` leaves a needed node that can be neither saved nor recomputed, or
     names a format not admitted. Pass ``graph`` to share the per-problem tables between states."""
@@ -87,6 +90,7 @@ class PlanState:
         self.saved: dict[int, str | None] = {}
         self.bytes = 0
         self.time = 0.0
+        self.penalty = 0.0
         wanted = {index[name]: fmt for name, fmt in saved.items()}
         # Walk from the required nodes, through the ones not saved, counting who reaches whom.
         order = [i for i in range(len(self.names)) if self.required[i]]
@@ -104,9 +108,10 @@ class PlanState:
                 if fmt not in self.options[i]:
                     raise ValueError(f"{self.names[i]!r} cannot be saved as {fmt!r}")
                 self.saved[i] = fmt
-                b, t = self.options[i][fmt]
+                b, t, p = self.options[i][fmt]
                 self.bytes += b
                 self.time += t
+                self.penalty += p
                 continue
             if not self.can_recompute[i]:
                 raise ValueError(f"{self.names[i]!r} is needed but neither saved nor recomputable")
@@ -133,15 +138,16 @@ class PlanState:
                 for fmt in self.options[i]:
                     yield i, fmt
 
-    def simulate(self, move: tuple[int, str | None]) -> tuple[int, float, dict[int, int], dict[int, Any]] | None:
-        """``(delta bytes, delta time, new counts, new saved entries)`` of ``move``, or ``None`` if it
-        leaves a needed node that can be neither saved nor recomputed. Does not change the state."""
+    def simulate(self, move: tuple[int, str | None]) -> tuple[int, float, float, dict[int, int], dict[int, Any]] | None:
+        """``(delta bytes, delta time, delta penalty, new counts, new saved entries)`` of ``move``, or
+        ``None`` if it leaves a needed node that can be neither saved nor recomputed (or no longer
+        applies). Does not change the state."""
         i, target = move
         counts: dict[int, int] = {}
         changes: dict[int, Any] = {}
-        db, dt = 0, 0.0
+        db, dt, dp = 0, 0.0, 0.0
         count, saved, options = self.count, self.saved, self.options
-        work = 1
+        work = 3  # a call costs about three node visits on its own
         # A move ranked on an earlier state may no longer apply.
         if count[i] <= 0:
             return None
@@ -152,15 +158,16 @@ class PlanState:
             return None
 
         if i in saved and target != _DROP:  # another format
-            b0, t0 = options[i][saved[i]]
-            b1, t1 = options[i][target]
-            self.meter[0] += 1
-            return b1 - b0, t1 - t0, counts, {i: target}
+            b0, t0, p0 = options[i][saved[i]]
+            b1, t1, p1 = options[i][target]
+            self.meter[0] += work
+            return b1 - b0, t1 - t0, p1 - p0, counts, {i: target}
 
         if i in saved:  # recompute it: its inputs become reached
-            b0, t0 = options[i][saved[i]]
+            b0, t0, p0 = options[i][saved[i]]
             db -= b0
             dt += self.recompute_s[i] - t0
+            dp -= p0
             changes[i] = _REMOVED
             stack = list(self.inputs[i])
             while stack:
@@ -181,9 +188,10 @@ class PlanState:
                     self.meter[0] += work
                     return None
         else:  # save it: its inputs lose a reader
-            b1, t1 = options[i][target]
+            b1, t1, p1 = options[i][target]
             db += b1
             dt += t1 - self.recompute_s[i]
+            dp += p1
             changes[i] = target
             stack = list(self.inputs[i])
             while stack:
@@ -194,23 +202,25 @@ class PlanState:
                 if c > 0:
                     continue
                 if u in saved:  # no longer reached: no longer saved
-                    b0, t0 = options[u][saved[u]]
+                    b0, t0, p0 = options[u][saved[u]]
                     db -= b0
                     dt -= t0
+                    dp -= p0
                     changes[u] = _REMOVED
                 else:
                     dt -= self.recompute_s[u]
                     stack.extend(self.inputs[u])
         self.meter[0] += work
-        return db, dt, counts, changes
+        return db, dt, dp, counts, changes
 
     def apply(self, move: tuple[int, str | None]) -> bool:
         result = self.simulate(move)
         if result is None:
             return False
-        db, dt, counts, changes = result
+        db, dt, dp, counts, changes = result
         self.bytes += db
         self.time += dt
+        self.penalty += dp
         for u, c in counts.items():
             self.count[u] = c
         for u, fmt in changes.items():
@@ -241,7 +251,8 @@ class PlanState:
 
 
 class _Goal:
-    """``by_time``: minimise bytes with added time <= ``limit``; else minimise time with bytes <= ``limit``."""
+    """``by_time``: minimise bytes with added time <= ``limit``; else minimise time with bytes <= ``limit``.
+    The objective's time includes the precision penalty; the time limit does not."""
 
     def __init__(self, by_time: bool, limit: float | None) -> None:
         self.by_time = by_time
@@ -250,13 +261,19 @@ class _Goal:
     def fits(self, b: float, t: float) -> bool:
         return t <= self.limit * (1 + 1e-12) if self.by_time else b <= self.limit
 
-    def key(self, b: float, t: float) -> tuple[float, float]:
+    def key(self, b: float, t: float, p: float) -> tuple[float, float]:
         # Times are rounded to 1e-15 s so float noise in running sums cannot make a move look better.
-        return (b, round(t, 15)) if self.by_time else (round(t, 15), b)
+        return (b, round(t + p, 15)) if self.by_time else (round(t + p, 15), b)
 
-    def gain(self, db: float, dt: float) -> float:
+    def key_of(self, state: PlanState) -> tuple[float, float]:
+        return self.key(state.bytes, state.time, state.penalty)
+
+    def fits_state(self, state: PlanState) -> bool:
+        return self.fits(state.bytes, state.time)
+
+    def gain(self, db: float, dt: float, dp: float) -> float:
         """How much the objective improves (positive is better)."""
-        return -db if self.by_time else -dt
+        return -db if self.by_time else -(dt + dp)
 
     def cost(self, db: float, dt: float) -> float:
         """How much of the limit it uses (negative frees some)."""
@@ -272,7 +289,7 @@ def local_search(state: PlanState, goal: _Goal, *, work: int = DEFAULT_WORK) -> 
     chain (a move that improves the objective but overshoots, then the cheapest freeing moves until it
     fits again). Stops at a local optimum or after ``work`` node visits."""
     start_work = state.work
-    current = goal.key(state.bytes, state.time)
+    current = goal.key_of(state)
     while state.work - start_work < work:
         evaluated = []
         best = None
@@ -280,44 +297,46 @@ def local_search(state: PlanState, goal: _Goal, *, work: int = DEFAULT_WORK) -> 
             result = state.simulate(move)
             if result is None:
                 continue
-            db, dt = result[0], result[1]
+            db, dt, dp = result[0], result[1], result[2]
             b, t = state.bytes + db, state.time + dt
-            key = goal.key(b, t)
+            key = goal.key(b, t, state.penalty + dp)
             if goal.fits(b, t) and key < current and (best is None or key < best[0]):
                 best = (key, move)
-            if goal.gain(db, dt) > 0:
-                evaluated.append((move, db, dt))
+            gain = goal.gain(db, dt, dp)
+            if gain > 0:
+                evaluated.append((-_ratio(gain, goal.cost(db, dt)), move))
         if best is not None:
             state.apply(best[1])
-            current = goal.key(state.bytes, state.time)
+            current = goal.key_of(state)
             continue
         # Ejection chains from the moves that buy the most per unit of the limit they use.
-        evaluated.sort(key=lambda e: -_ratio(goal.gain(e[1], e[2]), goal.cost(e[1], e[2])))
+        evaluated.sort(key=lambda e: e[0])
         best_state = None
-        for move, _, _ in evaluated[:_EJECTIONS]:
+        for _, move in evaluated[:_EJECTIONS]:
             trial = state.copy()
             trial.apply(move)
-            trial = _free(trial, goal, keep=move[0])
-            key = goal.key(trial.bytes, trial.time)
-            if goal.fits(trial.bytes, trial.time) and key < current and (best_state is None or key < best_state[0]):
+            trial = _free(trial, goal, keep=move[0], stop_at=start_work + work)
+            key = goal.key_of(trial)
+            if goal.fits_state(trial) and key < current and (best_state is None or key < best_state[0]):
                 best_state = (key, trial)
             if state.work - start_work > work:
                 break
         if best_state is None:
             break
-        state = best_state[1]
-        current = best_state[0]
+        state, current = best_state[1], best_state[0]
     return state
 
 
-def _free(state: PlanState, goal: _Goal, *, keep: int = -1, steps: int = _EJECTION_STEPS) -> PlanState:
+def _free(
+    state: PlanState, goal: _Goal, *, keep: int = -1, steps: int = _EJECTION_STEPS, stop_at: float = math.inf
+) -> PlanState:
     """Free the limit until the plan fits, leaving node ``keep`` alone: repeatedly apply the move that
     frees it most cheaply (objective lost per unit freed), and at each step also try finishing with the
     single move that makes the plan fit at the least loss. Returns the best plan that fits, or the last
-    one tried. May change ``state``."""
+    one tried. May change ``state``. Gives up once the work meter passes ``stop_at``."""
     best: tuple[tuple[float, float], PlanState] | None = None
     for _ in range(steps):
-        if goal.fits(state.bytes, state.time):
+        if goal.fits_state(state) or state.work > stop_at:
             break
         cheapest, cheapest_rank = None, math.inf
         finish, finish_key = None, None
@@ -327,16 +346,17 @@ def _free(state: PlanState, goal: _Goal, *, keep: int = -1, steps: int = _EJECTI
             result = state.simulate(move)
             if result is None:
                 continue
-            db, dt = result[0], result[1]
+            db, dt, dp = result[0], result[1], result[2]
             freed = -goal.cost(db, dt)
             if freed <= 0:
                 continue
-            rank = max(-goal.gain(db, dt), 0.0) / freed
+            rank = max(-goal.gain(db, dt, dp), 0.0) / freed
             if rank < cheapest_rank:
                 cheapest, cheapest_rank = move, rank
             b, t = state.bytes + db, state.time + dt
-            if goal.fits(b, t) and (finish_key is None or goal.key(b, t) < finish_key):
-                finish, finish_key = move, goal.key(b, t)
+            key = goal.key(b, t, state.penalty + dp)
+            if goal.fits(b, t) and (finish_key is None or key < finish_key):
+                finish, finish_key = move, key
         if finish is not None and finish_key is not None and (best is None or finish_key < best[0]):
             done = state.copy()
             done.apply(finish)
@@ -344,8 +364,8 @@ def _free(state: PlanState, goal: _Goal, *, keep: int = -1, steps: int = _EJECTI
         if cheapest is None:
             break
         state.apply(cheapest)
-    if goal.fits(state.bytes, state.time):
-        key = goal.key(state.bytes, state.time)
+    if goal.fits_state(state):
+        key = goal.key_of(state)
         if best is None or key < best[0]:
             best = (key, state)
     return best[1] if best is not None else state
@@ -369,7 +389,7 @@ def refine_bracket(
     group-by-group path from ``feasible`` to ``infeasible``, then locally searched."""
     goal = _Goal(by_time, problem.max_added_s if by_time else problem.budget_bytes)
     state = PlanState(problem, formats, feasible)
-    if not goal.fits(state.bytes, state.time):
+    if not goal.fits_state(state):
         return dict(feasible)
     best = state
     starts = []
@@ -377,13 +397,13 @@ def refine_bracket(
         end = PlanState(problem, formats, infeasible, graph=state.graph)
         best = _bracket_path(problem, state, end, goal, formats, work // 4)
         # A second start: the infeasible plan, freed until it fits.
-        repaired = _free(end.copy(), goal)
-        if goal.fits(repaired.bytes, repaired.time):
+        repaired = _free(end.copy(), goal, stop_at=end.work + work // 4)
+        if goal.fits_state(repaired):
             starts.append(repaired)
     best = local_search(best, goal, work=work // 2 if starts else work)
     for other in starts:
         other = local_search(other, goal, work=work // 4)
-        if goal.key(other.bytes, other.time) < goal.key(best.bytes, best.time):
+        if goal.key_of(other) < goal.key_of(best):
             best = other
     return best.saved_names()
 
@@ -428,27 +448,39 @@ def _bracket_path(
         except ValueError:
             return None
 
-    spent = 0
+    # Rank the groups by what each changes node by node (bytes and time of its own decisions; exact
+    # unless moving it alone changes what the backward reaches elsewhere), then walk the path exactly.
+    def own(state: PlanState, i: int) -> tuple[float, float, float]:
+        if i in state.saved:
+            return state.options[i][state.saved[i]]
+        return (0.0, state.recompute_s[i], 0.0) if state.count[i] > 0 else (0.0, 0.0, 0.0)
+
     ranked = []
     for k, group in enumerate(groups.values()):
-        s = state_of(moved(a, group))
-        spent += len(problem.nodes)
-        if s is None:
-            rank = math.inf
-        else:
-            db, dt = s.bytes - start.bytes, s.time - start.time
-            rank = -_ratio(goal.gain(db, dt), goal.cost(db, dt)) if goal.gain(db, dt) > 0 else math.inf
-        ranked.append((rank, k, group))
-        if spent > work:
-            break
+        db = dt = dp = 0.0
+        for v in group:
+            i = start.index[v]
+            (b0, t0, p0), (b1, t1, p1) = own(start, i), own(end, i)
+            db, dt, dp = db + b1 - b0, dt + t1 - t0, dp + p1 - p0
+        gain = goal.gain(db, dt, dp)
+        ranked.append((-_ratio(gain, goal.cost(db, dt)) if gain > 0 else math.inf, k, group))
     ranked.sort(key=lambda r: (r[0], r[1]))
-    best, best_key = start, goal.key(start.bytes, start.time)
+    best, best_key = start, goal.key_of(start)
     current = a
+    misses, spent = 0, 0
     for _, _, group in ranked:
         current = moved(current, group)
         s = state_of(current)
-        if s is not None and goal.fits(s.bytes, s.time) and goal.key(s.bytes, s.time) < best_key:
-            best, best_key = s, goal.key(s.bytes, s.time)
+        spent += 2 * len(problem.nodes)
+        if s is not None and goal.fits_state(s):
+            misses = 0
+            if goal.key_of(s) < best_key:
+                best, best_key = s, goal.key_of(s)
+        else:
+            misses += 1
+        if misses >= _PATH_MISSES or spent > work:
+            break
+    start.meter[0] += spent
     return best
 
 
@@ -497,7 +529,7 @@ def solve_greedy(problem: Problem, formats: tuple[str, ...] = (), bits: dict[str
     plan = None
     for tier in tiers:
         state = PlanState(problem, tier, start)
-        while not goal.fits(state.bytes, state.time):
+        while not goal.fits_state(state):
             move = _best_free(state)
             if move is None:
                 break
@@ -517,7 +549,7 @@ def _best_free(state: PlanState) -> tuple[int, str | None] | None:
         result = state.simulate(move)
         if result is None or result[0] >= 0:
             continue
-        rank = (-result[0]) / max(result[1], 1e-15)
+        rank = (-result[0]) / max(result[1] + result[2], 1e-15)
         if best_rank is None or rank > best_rank:
             best, best_rank = move, rank
     return best
@@ -532,7 +564,7 @@ def _fill_time(state: PlanState, limit: float | None) -> None:
             result = state.simulate(move)
             if result is None or result[0] >= 0 or state.time + result[1] > limit * (1 + 1e-12):
                 continue
-            rank = (-result[0]) / max(result[1], 1e-15)
+            rank = (-result[0]) / max(result[1] + result[2], 1e-15)
             if best_rank is None or rank > best_rank:
                 best, best_rank = move, rank
         if best is None:

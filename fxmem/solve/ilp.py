@@ -12,7 +12,9 @@ saved has no ``s`` variables and one that cannot be recomputed no ``r``. Held by
 
 With a byte budget it minimises the added time subject to held bytes <= budget, then, among the plans
 that fast, the held bytes (a second solve); with none, it minimises held bytes subject to added time <=
-``max_added_s``, then the time. It admits quantized formats in the same tiers as the min-cut solver
+``max_added_s``, then the time. As in the min-cut solver, the time it minimises includes each quantized
+format's ``penalty_s`` (a price on lost precision), while the time budget and the reported
+``Plan.added_s`` do not. It admits quantized formats in the same tiers as the min-cut solver
 (8-bit first, then also 4, then also 2, stopping at the first tier that meets the budget; with a time
 budget only the widest tier), so both solve the same problem and their objectives compare.
 
@@ -35,7 +37,7 @@ from fxmem.solve.problem import Plan, Problem, make_plan
 from fxmem.solve.registry import register_solver
 
 DEFAULT_TIME_LIMIT_S = 60.0
-DEFAULT_MIP_REL_GAP = 1e-9
+DEFAULT_MIP_REL_GAP = 1e-6
 # Objectives are scaled so that their largest possible value is _SCALE: HiGHS's absolute gap (1e-6)
 # is then far below any difference that matters.
 _SCALE = 1e4
@@ -92,6 +94,7 @@ class _Model:
         self.columns: list[tuple[str, str, str | None]] = []
         byte_cost: list[float] = []
         time_cost: list[float] = []
+        penalty: list[float] = []
         choices: dict[str, list[int]] = {}  # node -> its columns (saved in any format, or recomputed)
         recompute_col: dict[str, int] = {}
         for node in problem.nodes:
@@ -103,20 +106,25 @@ class _Model:
                 self.columns.append((node.name, "s", None))
                 byte_cost.append(node.save_bytes)
                 time_cost.append(0.0)
+                penalty.append(0.0)
                 for option in node.quant_options:
                     if option.fmt in formats:
                         cols.append(len(self.columns))
                         self.columns.append((node.name, "s", option.fmt))
                         byte_cost.append(option.stored_bytes)
                         time_cost.append(option.added_s)
+                        penalty.append(option.penalty_s)
             if node.can_recompute:
                 recompute_col[node.name] = len(self.columns)
                 cols.append(len(self.columns))
                 self.columns.append((node.name, "r", None))
                 byte_cost.append(0.0)
                 time_cost.append(node.recompute_s)
+                penalty.append(0.0)
         self.bytes = np.asarray(byte_cost, dtype=np.float64)
-        self.time = np.asarray(time_cost, dtype=np.float64)
+        self.time = np.asarray(time_cost, dtype=np.float64)  # what the plan adds to a step
+        # what solvers minimise: the time plus the precision penalty of quantized formats
+        self.objective_time = self.time + np.asarray(penalty, dtype=np.float64)
 
         rows: list[int] = []
         cols_: list[int] = []
@@ -153,7 +161,7 @@ class _Model:
         objective: np.ndarray,
         limits: list[tuple[np.ndarray, float]],
         *,
-        time_limit_s: float,
+        deadline: float,
         mip_rel_gap: float,
     ) -> _Result:
         """Minimise ``objective @ x`` subject to the structure and ``coeff @ x <= rhs`` for each limit."""
@@ -181,7 +189,11 @@ class _Model:
             integrality=np.ones(n),
             bounds=Bounds(0, 1),
             constraints=constraints,
-            options={"time_limit": max(time_limit_s, 1e-3), "mip_rel_gap": mip_rel_gap, "presolve": True},
+            options={
+                "time_limit": max(deadline - time.perf_counter(), 1e-3),
+                "mip_rel_gap": mip_rel_gap,
+                "presolve": True,
+            },
         )
         if res.x is None:
             return _Result(None, res.status, res.message, None)
@@ -208,9 +220,9 @@ def _limited(model: _Model, problem: Problem, by_bytes: bool, **opts: Any) -> _R
     """Minimise time under the byte budget (``by_bytes``) or bytes under the time budget, re-solving
     with a tightened limit if HiGHS's feasibility tolerance let the rounded plan overshoot it."""
     if by_bytes:
-        primary, tie, coeff, limit = model.time, model.bytes, model.bytes, float(problem.budget_bytes)
+        primary, tie, coeff, limit = model.objective_time, model.bytes, model.bytes, float(problem.budget_bytes)
     else:
-        primary, tie, coeff, limit = model.bytes, model.time, model.time, float(problem.max_added_s)
+        primary, tie, coeff, limit = model.bytes, model.objective_time, model.time, float(problem.max_added_s)
     rhs = limit
     for _ in range(_RETRIES):
         result = model.lexicographic(primary, tie, [(coeff, rhs)], **opts)
@@ -246,7 +258,7 @@ def solve_ilp(
     notes: list[str] = []
 
     def opts() -> dict[str, float]:
-        return {"time_limit_s": deadline - time.perf_counter(), "mip_rel_gap": mip_rel_gap}
+        return {"deadline": deadline, "mip_rel_gap": mip_rel_gap}
 
     def finish(result: _Result, tier: frozenset[str], what: str) -> Plan:
         assert result.saved is not None
@@ -260,7 +272,8 @@ def solve_ilp(
         model = _Model(problem, tier, needed)
         limit = problem.max_added_s
         if limit is None or math.isinf(limit):
-            return finish(model.lexicographic(model.bytes, model.time, [], **opts()), tier, "fewest bytes")
+            result = model.lexicographic(model.bytes, model.objective_time, [], **opts())
+            return finish(result, tier, "fewest bytes")
         result = _limited(model, problem, False, **opts())
         if result.saved is not None:
             return finish(result, tier, "fewest bytes within the time budget")
@@ -278,7 +291,7 @@ def solve_ilp(
             return _fallback(problem, formats, bits, started, result)
     tier = tiers[-1]
     model = _Model(problem, tier, needed)
-    result = model.lexicographic(model.bytes, model.time, [], **opts())
+    result = model.lexicographic(model.bytes, model.objective_time, [], **opts())
     if result.saved is None:
         return _fallback(problem, formats, bits, started, result)
     return finish(result, tier, "byte budget unreachable: fewest bytes")

@@ -20,7 +20,7 @@ import dataclasses
 import random
 from collections.abc import Iterable, Sequence
 
-from fxmem.solve.problem import Problem, QuantOption, SolverNode
+from fxmem.solve.problem import Plan, Problem, QuantOption, SolverNode
 
 MB = 1 << 20
 BANDWIDTH = 2.5e12  # bytes/s
@@ -28,6 +28,7 @@ PEAK_FLOPS = 740e12  # bf16 FLOP/s
 DTYPE_BYTES = 2  # bf16 activations
 GROUP = 128  # elements per quantization group
 QUANT_FUSION_FACTOR = 0.25
+PRECISION_PENALTY = 4.0  # seconds of penalty per full-tensor pass, times the bits dropped below 8, over 8
 
 # How much of an op's own time recomputing it adds, by kind (as the default cost model).
 RECOMPUTE_FACTOR = {"view": 0.0, "getitem": 0.0, "pointwise": 0.05, "reduction": 0.5, "matmul": 1.0, "other": 1.0}
@@ -58,13 +59,29 @@ def quant_time(full_bytes: int, stored: int, bandwidth: float = BANDWIDTH) -> fl
     return (2 * stored + QUANT_FUSION_FACTOR * 2 * full_bytes) / bandwidth
 
 
+def precision_penalty(full_bytes: int, bits: int, bandwidth: float = BANDWIDTH) -> float:
+    """The price on lost precision that the default cost model puts on storing a tensor in ``bits``
+    bits: nothing at 8 bits, growing as bits shrink, so a solver narrows a tensor only when it must."""
+    return PRECISION_PENALTY * (8 - min(bits, 8)) / 8 * full_bytes / bandwidth
+
+
 def quant_options(full_bytes: int, formats: Iterable[str] = FORMATS) -> tuple[QuantOption, ...]:
     """The quantized options of a bf16 tensor of ``full_bytes`` in each of ``formats``."""
     options = []
     for fmt in formats:
         stored = stored_bytes(fmt, full_bytes)
-        options.append(QuantOption(fmt, stored, quant_time(full_bytes, stored)))
+        penalty = precision_penalty(full_bytes, BITS[fmt])
+        options.append(QuantOption(fmt, stored, quant_time(full_bytes, stored), penalty))
     return tuple(options)
+
+
+def objective_s(problem: Problem, plan: Plan) -> float:
+    """What the solvers minimise under a byte budget: the added time plus the precision penalty of
+    the quantized formats the plan uses."""
+    penalty = 0.0
+    for name, fmt in plan.quantized.items():
+        penalty += next(o.penalty_s for o in problem.by_name[name].quant_options if o.fmt == fmt)
+    return plan.added_s + penalty
 
 
 def pointwise_time(bytes_moved: float) -> float:
@@ -135,7 +152,11 @@ class ProblemBuilder:
     def _get(self, name: str | None) -> SolverNode:
         if not self._nodes:
             raise ValueError("no node defined yet")
-        return self._nodes[-1] if name is None else self._nodes[self._index[name]]
+        if name is None:
+            return self._nodes[-1]
+        if name not in self._index:
+            raise ValueError(f"no node named {name!r}")
+        return self._nodes[self._index[name]]
 
     def input(self, name: str, bytes: int, *, required: bool = False) -> ProblemBuilder:  # noqa: A002
         """A graph input: it can be saved but not recomputed."""
@@ -174,10 +195,14 @@ class ProblemBuilder:
         )
         return self._add(node)
 
-    def quantizable(self, fmt: str, stored_bytes: int, added_s: float, *, node: str | None = None) -> ProblemBuilder:
-        """Let ``node`` (default: the last one) be saved in ``fmt``."""
+    def quantizable(
+        self, fmt: str, stored_bytes: int, added_s: float, *, penalty_s: float = 0.0, node: str | None = None
+    ) -> ProblemBuilder:
+        """Let ``node`` (default: the last one) be saved in ``fmt``, holding ``stored_bytes`` and adding
+        ``added_s``; ``penalty_s`` prices the lost precision (minimised with the time, never reported)."""
         target = self._get(node)
-        target.quant_options = (*target.quant_options, QuantOption(fmt, int(stored_bytes), float(added_s)))
+        option = QuantOption(fmt, int(stored_bytes), float(added_s), float(penalty_s))
+        target.quant_options = (*target.quant_options, option)
         return self
 
     def quantizable_as(self, formats: Iterable[str] = FORMATS, *, node: str | None = None) -> ProblemBuilder:
@@ -287,42 +312,50 @@ def diamond(
 def long_skips(
     n: int,
     *,
+    levels: int | None = None,
     mb: float = 32.0,
     formats: Sequence[str] = FORMATS,
     budget_bytes: float | None = None,
     max_added_s: float | None = None,
     budget_fraction: float | None = None,
 ) -> Problem:
-    """A U-Net of about ``n`` nodes: an encoder of conv (matmul-like) + activation blocks that halve the
-    activation size per level, a bottleneck conv, then a decoder that reads, per level, the level below
-    and the encoder's output at the same level (a long skip connection, live for most of the backward)."""
-    levels = max(1, (n - 2) // 4)
+    """A U-Net of about ``n`` nodes. The encoder has ``levels`` levels (default: up to 5) of conv
+    (matmul-like) + activation blocks, the activations halving in size (and channels doubling) from one
+    level to the next; a bottleneck conv; then a decoder whose first block at each level reads the level
+    below and the encoder's output at the same level (a long skip connection, live for most of the
+    backward). Larger ``n`` gives more blocks per level."""
+    if levels is None:
+        levels = min(5, max(1, (n - 2) // 4))
+    blocks = max(1, round((n - 2) / (4 * levels)))
     top = int(mb * MB)
     b = ProblemBuilder().input("img", top, required=True)
     prev, skips = "img", []
     pixels0 = top // (64 * DTYPE_BYTES)  # 64 channels at the top level
-    for lvl in range(levels):
-        size = max(256, top >> lvl)
-        channels = 64 << lvl
-        pixels = max(1, pixels0 >> (2 * lvl))
-        conv = matmul_time(pixels, channels, 9 * channels)
-        b.op(f"enc{lvl}_conv", [prev], bytes=size, kind="matmul", recompute_s=conv).quantizable_as(formats).require()
-        _pointwise(b, f"enc{lvl}_act", [f"enc{lvl}_conv"], size, formats)
+
+    def block(name: str, inputs: list[str], size: int, pixels: int, channels: int, fan_in: int) -> str:
+        conv = matmul_time(pixels, channels, 9 * fan_in)
+        b.op(f"{name}_conv", inputs, bytes=size, kind="matmul", recompute_s=conv).quantizable_as(formats).require()
+        _pointwise(b, f"{name}_act", [f"{name}_conv"], size, formats)
         b.require()
-        skips.append((f"enc{lvl}_act", size, pixels, channels))
-        prev = f"enc{lvl}_act"
-    _, size, pixels, channels = skips[-1]
+        return f"{name}_act"
+
+    shapes = []
+    for lvl in range(levels):
+        size, channels = top >> lvl, 64 << lvl
+        pixels = max(1, pixels0 >> (2 * lvl))
+        shapes.append((size, pixels, channels))
+        for k in range(blocks):
+            prev = block(f"enc{lvl}_{k}", [prev], size, pixels, channels, channels)
+        skips.append(prev)
+    size, pixels, channels = shapes[-1]
     conv = matmul_time(pixels, channels, 9 * channels)
     b.op("mid_conv", [prev], bytes=size, kind="matmul", recompute_s=conv).quantizable_as(formats).require()
     prev = "mid_conv"
     for lvl in reversed(range(levels)):
-        skip, size, pixels, channels = skips[lvl]
-        conv = matmul_time(pixels, channels, 18 * channels)
-        b.op(f"dec{lvl}_conv", [prev, skip], bytes=size, kind="matmul", recompute_s=conv)
-        b.quantizable_as(formats).require()
-        _pointwise(b, f"dec{lvl}_act", [f"dec{lvl}_conv"], size, formats)
-        b.require()
-        prev = f"dec{lvl}_act"
+        size, pixels, channels = shapes[lvl]
+        for k in range(blocks):
+            inputs = [prev, skips[lvl]] if k == 0 else [prev]
+            prev = block(f"dec{lvl}_{k}", inputs, size, pixels, channels, channels * len(inputs))
     return _finish(b, budget_bytes, max_added_s, budget_fraction)
 
 

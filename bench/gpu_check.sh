@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The GPU check in one command: GPU-only tests, the GPT-2 small matrix, a ResNet matrix, then the
+# comparison tables and the target checks (P1-P4), printed last. Runs from a plain checkout (fxmem need
+# not be installed) in about 8 minutes; results, plots and logs go to $OUT (default ./out).
+#
+#   bash bench/gpu_check.sh          # CUDA: gpt2_small + resnet18, bf16 autocast
+#   bash bench/gpu_check.sh --cpu    # the same flow on tiny presets in fp32, for a machine without a GPU
+#
+# Environment: OUT (results folder), PYTHON (default python3), RESNET (resnet18 | resnet50 | tiny ...),
+# JOBS (configurations compiling at once, default 3 on GPU), GPT_BUDGET_S / RESNET_BUDGET_S (seconds).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+OUT=${OUT:-./out}
+START=$(date +%s)
+
+if [ "${1:-}" = "--cpu" ]; then
+    MODE=cpu DEVICE=cpu DTYPE=float32 STEPS=3 WARMUP=1 JOBS=${JOBS:-1}
+    GPT=models/gpt.py:tiny
+    RESNET_SPEC=models/resnet.py:${RESNET:-tiny}
+    GPT_BUDGET=${GPT_BUDGET_S:-300} RESNET_BUDGET=${RESNET_BUDGET_S:-300}
+    GPT_CONFIGS=(compile eager checkpoint compile:budget=0.5 compile:fp8 fxmem fxmem:memory_budget=0.25
+        'fxmem:{"memory_budget": 0.1, "quantize": "auto", "on_infeasible": "best_effort"}')
+    RESNET_CONFIGS=(compile eager checkpoint fxmem fxmem:memory_budget=0.25,quantize=int8)
+elif [ -z "${1:-}" ]; then
+    MODE=gpu DEVICE=cuda DTYPE=bfloat16 STEPS=10 WARMUP=3 JOBS=${JOBS:-3}
+    GPT=models/gpt.py:gpt2_small
+    RESNET_SPEC=models/resnet.py:${RESNET:-resnet18}
+    GPT_BUDGET=${GPT_BUDGET_S:-220} RESNET_BUDGET=${RESNET_BUDGET_S:-150}
+    # Most telling rows first: a spent time budget drops the last ones.
+    GPT_CONFIGS=(compile
+        'fxmem:{"memory_budget": "3000MiB", "quantize": "auto", "on_infeasible": "best_effort"}'
+        'fxmem:{"memory_budget": "3000MiB", "on_infeasible": "best_effort"}'
+        eager compile:budget=0.5 fxmem compile:fp8 checkpoint compile:budget=0.1
+        'fxmem:{"memory_budget": 0.25, "quantize": "fp8"}')
+    RESNET_CONFIGS=(compile
+        'fxmem:{"memory_budget": "550MiB", "quantize": "auto", "on_infeasible": "best_effort"}'
+        eager fxmem compile:budget=0.5 'fxmem:{"memory_budget": 0.25, "quantize": "int8"}' checkpoint)
+else
+    echo "usage: bash bench/gpu_check.sh [--cpu]" >&2
+    exit 2
+fi
+
+mkdir -p "$OUT"
+TORCH=$($PY -c 'import torch; print(torch.__version__)' 2>/dev/null) \
+    || { echo "$PY cannot import torch; point PYTHON at an interpreter that can" >&2; exit 1; }
+echo "== fxmem check ($MODE): torch $TORCH, $PY, out=$OUT"
+if [ "$MODE" = gpu ]; then
+    $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
+        || { echo "CUDA is not available; use --cpu" >&2; exit 1; }
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+fi
+
+# 1. GPU-only tests (those marked gpu), if pytest is there and any exist.
+if [ "$MODE" = cpu ]; then
+    echo "== gpu tests: skipped (--cpu)"
+elif ! $PY -m pytest --version >/dev/null 2>&1; then
+    echo "== gpu tests: skipped (pytest is not installed)"
+else
+    timeout 90 $PY -m pytest -m gpu -q -p no:cacheprovider tests >"$OUT/gpu_tests.log" 2>&1
+    status=$?
+    case $status in
+        0) echo "== gpu tests: passed ($(tail -n 1 "$OUT/gpu_tests.log"))" ;;
+        5) echo "== gpu tests: none collected" ;;
+        124) echo "== gpu tests: TIMED OUT after 90 s (log: $OUT/gpu_tests.log)" ;;
+        *) echo "== gpu tests: FAILED (status $status)"; tail -n 25 "$OUT/gpu_tests.log" ;;
+    esac
+fi
+
+# 2. The matrices, each under a time budget; progress goes to a log, the last lines are shown.
+bench() {  # NAME SPEC BUDGET CONFIGS...
+    local name=$1 spec=$2 budget=$3
+    shift 3
+    echo "== bench $name: $spec ($DEVICE, $DTYPE, $STEPS steps after $WARMUP warm-up, budget ${budget}s)"
+    timeout $((budget + 90)) $PY -m fxmem.bench.cli "$spec" --device "$DEVICE" --dtype "$DTYPE" \
+        --steps "$STEPS" --warmup "$WARMUP" --jobs "$JOBS" --time-budget "$budget" --timeout "$budget" \
+        --json "$OUT/$name.json" --plot "$OUT/$name.png" --configs "$@" \
+        >"$OUT/$name.txt" 2>"$OUT/$name.log"
+    echo "   status $? after $(($(date +%s) - START)) s; log: $OUT/$name.log"
+    grep -E '^\[[0-9]+/[0-9]+\] .*: ' "$OUT/$name.log" | cut -c1-220
+}
+bench gpt "$GPT" "$GPT_BUDGET" "${GPT_CONFIGS[@]}"
+bench resnet "$RESNET_SPEC" "$RESNET_BUDGET" "${RESNET_CONFIGS[@]}"
+
+# 3. Tables and target checks, last.
+echo
+$PY -m fxmem.bench.targets --table --gpt "$OUT/gpt.json" --resnet "$OUT/resnet.json"
+echo
+echo "== done in $(($(date +%s) - START)) s; results in $OUT (gpt.json, resnet.json, *.png, *.log)"

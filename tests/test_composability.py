@@ -1,0 +1,415 @@
+"""fxmem with the rest of a training setup: autocast, fused optimizers, dynamic shapes, graph breaks,
+forward-only graphs, and the capacity planner built on dynamic shapes (``fxmem.capacity``).
+
+Data parallelism (DDP, FSDP2) is in ``test_distributed.py``. All CPU, ``codegen="eager"`` except the
+``slow`` Inductor variant.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxmem
+import models.gpt
+import models.mlp
+from fxmem import capacity
+from tests.helpers import build, fxmem_warnings, rel_err
+
+try:
+    from torch._inductor.utils import fresh_cache
+except ImportError:  # older name
+    from torch._inductor.utils import fresh_inductor_cache as fresh_cache
+
+# fp32 with codegen="eager": the same aten ops as eager, split differently (in practice bit for bit).
+EAGER_TOL = 1e-6
+# Dynamic shapes: the brief's bound for a plan reused across sizes (observed: bit for bit).
+DYNAMIC_TOL = 1e-4
+# bf16 autocast: one bf16 rounding is ~4e-3 relative; fxmem's lossless plan must stay within 1e-2 of eager
+# autocast (observed: bit for bit).
+AUTOCAST_TOL = 1e-2
+# int8 storage of the bf16 activations: each gradient must point the same way as the lossless run's.
+QUANT_COSINE = 0.99
+QUANT_OPTIONS = {"memory_budget": 0.3, "quantize": "int8", "recompute": False, "codegen": "eager"}
+BATCH_SIZES = (4, 8, 12)
+# A symbolic size in a formula, as Dynamo names them (s0, s77, ...).
+SYMBOL = re.compile(r"\bs\d+\b")
+MODULES = {"gpt": models.gpt, "mlp": models.mlp}
+
+
+@pytest.fixture
+def inductor_cache(tmp_path):
+    """A fresh, empty Inductor cache: a compile served from the cache skips the partitioner, so fxmem would
+    make no plan and no report (see ``test_inspect_with_inductor_on_a_warm_cache``)."""
+    with torch._inductor.config.patch(fx_graph_cache=True), fresh_cache(dir=str(tmp_path)):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    fxmem.clear_reports()
+    yield
+    torch._dynamo.reset()
+    fxmem.clear_reports()
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _cosines(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    return [
+        F.cosine_similarity(x.flatten().double(), y.flatten().double(), dim=0).item() for x, y in zip(a, b, strict=True)
+    ]
+
+
+def _planned(backend: fxmem.FxmemCompiler, count: int) -> list[fxmem.GraphReport]:
+    reports = backend.reports
+    assert len(reports) == count, [r.summary() for r in reports]
+    assert all(r.fallback_reason is None for r in reports), [r.fallback_reason for r in reports]
+    return reports
+
+
+# --- autocast and optimizers --------------------------------------------------------------------------------
+
+
+def _autocast_step(name: str, options: dict | None) -> tuple[torch.Tensor, list[torch.Tensor], list]:
+    """One bf16-autocast forward and backward of a fresh tiny model; eager when ``options`` is None."""
+    torch._dynamo.reset()
+    model, inputs = build(name)
+    backend = None if options is None else fxmem.backend(**options)
+    fn = model if backend is None else torch.compile(model, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fn(*inputs)
+    loss.backward()
+    return loss.detach(), _grads(model), [] if backend is None else _planned(backend, 1)
+
+
+@pytest.mark.parametrize("name", ["gpt", "resnet"])
+def test_bf16_autocast(name):
+    eager_loss, eager_grads, _ = _autocast_step(name, None)
+    loss, grads, reports = _autocast_step(name, {"codegen": "eager"})
+    assert rel_err(loss, eager_loss) <= AUTOCAST_TOL
+    assert rel_err(grads, eager_grads) <= AUTOCAST_TOL
+    assert any(row.dtype == "bfloat16" for row in reports[0].rows), "autocast should save bf16 activations"
+
+    # A tight budget without recomputation: the bf16 activations the backward reads are stored as int8.
+    q_loss, q_grads, q_reports = _autocast_step(name, QUANT_OPTIONS)
+    rows = q_reports[0].rows
+    assert any(row.dtype == "bfloat16" and row.decision == "quantize" and row.fmt == "int8" for row in rows)
+    # recompute=False: only views (free to rebuild from their base) are recomputed.
+    assert {row.kind for row in rows if row.decision == "recompute"} <= {"view", "getitem"}
+    assert q_reports[0].predicted_saved_bytes < q_reports[0].reference_saved_bytes
+    assert rel_err(q_loss, loss) <= EAGER_TOL  # the forward never reads what it stores quantized
+    assert min(_cosines(q_grads, grads)) >= QUANT_COSINE
+
+
+def _adamw_kind() -> dict[str, bool]:
+    """Fused AdamW where this torch has it on CPU, else the foreach implementation."""
+    if "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        try:
+            torch.optim.AdamW([nn.Parameter(torch.zeros(1))], fused=True).step()
+            return {"fused": True}
+        except RuntimeError:
+            pass
+    return {"foreach": True}
+
+
+def test_adamw_steps_after_the_fxmem_backward():
+    """Two training steps under bf16 autocast: fxmem's gradients feed a fused (or foreach) AdamW, and the
+    parameters after them agree with eager training's."""
+    kind = _adamw_kind()
+    models_ = {}
+    for label, options in (("eager", None), ("fxmem", {"codegen": "eager", "memory_budget": 0.4})):
+        torch._dynamo.reset()
+        model, inputs = build("gpt")
+        backend = None if options is None else fxmem.backend(**options)
+        fn = model if backend is None else torch.compile(model, backend=backend)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, **kind)
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fn(*inputs).backward()
+            optimizer.step()
+        if backend is not None:
+            _planned(backend, 1)  # the second step reuses the first step's plan
+        models_[label] = model
+    moved = [
+        (p.detach() - q.detach()).norm().item()
+        for p, q in zip(models_["fxmem"].parameters(), build("gpt")[0].parameters(), strict=True)
+    ]
+    assert min(moved) > 0, "every parameter should have been updated"
+    assert rel_err(list(models_["fxmem"].parameters()), list(models_["eager"].parameters())) <= AUTOCAST_TOL
+
+
+# --- dynamic shapes --------------------------------------------------------------------------------------
+
+
+def _dynamic_run(name: str, how: str, options: dict) -> tuple[fxmem.FxmemCompiler, list[float]]:
+    """Train steps at BATCH_SIZES through one compiled model; the gradient errors against eager."""
+    module = MODULES[name]
+    model, _ = module.build("tiny", batch_size=BATCH_SIZES[0])
+    reference = copy.deepcopy(model)
+    backend = fxmem.backend(**options)
+    compiled = torch.compile(model, backend=backend, dynamic=True if how == "dynamic" else None)
+    errors = []
+    for size in BATCH_SIZES:
+        _, inputs = module.build("tiny", batch_size=size, seed=size)
+        if how == "mark_dynamic":
+            for x in inputs:
+                torch._dynamo.mark_dynamic(x, 0)
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        compiled(*inputs).backward()
+        reference(*inputs).backward()
+        errors.append(rel_err(_grads(model), _grads(reference)))
+    return backend, errors
+
+
+@pytest.mark.parametrize("how", ["dynamic", "mark_dynamic"])
+@pytest.mark.parametrize("name", ["gpt", "mlp"])
+def test_dynamic_shapes_one_plan_serves_every_batch_size(name, how):
+    backend, errors = _dynamic_run(name, how, {"codegen": "eager"})
+    assert max(errors) <= DYNAMIC_TOL, errors
+    (report,) = _planned(backend, 1)  # one graph, planned once: no recompile for 8 or 12
+    # The sizes are formulas in the batch symbol: a batch-sized activation's bytes read e.g. "256*s77".
+    symbolic = [row for row in report.rows if SYMBOL.search(row.bytes_formula)]
+    assert symbolic, [row.bytes_formula for row in report.rows]
+    assert all(row.bytes == 0 or row.bytes_formula != str(row.bytes) for row in symbolic)
+
+
+@pytest.mark.slow
+def test_dynamic_shapes_with_inductor(inductor_cache):
+    backend, errors = _dynamic_run("mlp", "dynamic", {"codegen": "inductor"})
+    assert max(errors) <= DYNAMIC_TOL, errors
+    (report,) = _planned(backend, 1)
+    assert any(SYMBOL.search(row.bytes_formula) for row in report.rows)
+
+
+def test_quantization_is_off_under_dynamic_shapes(caplog):
+    caplog.set_level(logging.WARNING, logger="fxmem")
+    backend, errors = _dynamic_run(
+        "mlp", "mark_dynamic", {"codegen": "eager", "memory_budget": 0.2, "quantize": "int8"}
+    )
+    assert max(errors) <= DYNAMIC_TOL, errors
+    (report,) = _planned(backend, 1)
+    assert not [row for row in report.rows if row.decision == "quantize"]
+    assert any("dynamic shapes" in r.getMessage() for r in fxmem_warnings(caplog.records))
+    assert report.predicted_saved_bytes <= report.reference_saved_bytes * 0.2 * 1.02  # recomputation alone meets it
+
+
+# --- graph breaks ----------------------------------------------------------------------------------------
+
+
+class _Half(nn.Module):
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.proj = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(F.gelu(self.fc(self.ln(x))))
+
+
+class TwoGraphs(nn.Module):
+    """Two residual MLP halves with an explicit graph break between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = _Half()
+        self.second = _Half()
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        torch._dynamo.graph_break()
+        return F.cross_entropy(self.head(self.second(h)), labels)
+
+
+def _two_graphs() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = TwoGraphs()
+    return model, (torch.randn(32, 64), torch.randint(0, 10, (32,)))
+
+
+def _graph_break_step(options: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], list[fxmem.GraphReport]]:
+    torch._dynamo.reset()
+    model, inputs = _two_graphs()
+    reference = copy.deepcopy(model)
+    reference(*inputs).backward()
+    backend = fxmem.backend(**options)
+    torch.compile(model, backend=backend)(*inputs).backward()
+    return _grads(model), _grads(reference), _planned(backend, 2)
+
+
+def test_graph_break_both_graphs_planned():
+    grads, expected, reports = _graph_break_step({"codegen": "eager"})
+    assert rel_err(grads, expected) <= EAGER_TOL
+    assert all(r.rows for r in reports)
+
+
+def test_graph_break_fractional_budget_applies_to_each_graph():
+    grads, expected, reports = _graph_break_step({"codegen": "eager", "memory_budget": 0.4})
+    assert rel_err(grads, expected) <= EAGER_TOL
+    for report in reports:  # each graph against its own default, not the total
+        assert report.budget_bytes == pytest.approx(0.4 * report.reference_saved_bytes)
+        assert report.predicted_saved_bytes <= report.budget_bytes
+
+
+def test_graph_break_absolute_budget_applies_to_each_graph_not_the_total():
+    model, inputs = _two_graphs()
+    lossless = fxmem.inspect(model, *inputs)
+    budget = max(g.predicted_peak_bytes for g in lossless)  # each graph alone fits it
+    torch._dynamo.reset()
+    grads, expected, reports = _graph_break_step({"codegen": "eager", "memory_budget": budget})
+    assert rel_err(grads, expected) <= EAGER_TOL
+    assert all(r.predicted_peak_bytes <= budget for r in reports)
+    # The graphs' peaks stack (the first graph's saved tensors and the second's parameters are live while
+    # the second runs): the predicted peak of the whole step exceeds the budget each graph was held to.
+    assert fxmem.Report(reports).predicted_peak_bytes > budget
+
+
+# --- forward-only graphs ---------------------------------------------------------------------------------
+
+
+def test_forward_only_graphs_are_not_planned():
+    model, inputs = _two_graphs()
+    with torch.no_grad():
+        expected = model(*inputs)
+        backend = fxmem.backend(codegen="eager")
+        got = torch.compile(model, backend=backend)(*inputs)
+    assert rel_err(got, expected) <= EAGER_TOL
+    assert backend.reports == [] and fxmem.reports() == []
+
+    # Frozen parameters and inputs without grad: no backward either, even with grad mode on.
+    torch._dynamo.reset()
+    model.requires_grad_(False)
+    backend = fxmem.backend(codegen="eager")
+    got = torch.compile(model, backend=backend)(*inputs)
+    assert rel_err(got, expected) <= EAGER_TOL
+    assert backend.reports == []
+
+
+# --- capacity: the largest batch that fits -----------------------------------------------------------------
+
+# (model, budget): budgets that land the answer where the plan at each static size is the dynamic plan.
+CAPACITY_CASES = [("mlp", 60_000), ("gpt", "1MB")]
+
+
+@pytest.mark.parametrize("case", CAPACITY_CASES, ids=lambda c: c[0])
+def test_max_batch_size_brackets_the_budget(case):
+    name, budget = case
+    module = MODULES[name]
+    model, inputs = module.build("tiny", batch_size=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    best = capacity.max_batch_size(model, inputs, budget)
+    budget_bytes = capacity._budget_bytes(budget)
+    assert 4 <= best < capacity.DEFAULT_MAX_BATCH
+    # Checked by planning the model at those exact, static sizes.
+    peaks = {}
+    for size in (best, best + 1):
+        torch._dynamo.reset()
+        peaks[size] = fxmem.inspect(model, *module.build("tiny", batch_size=size)[1]).predicted_peak_bytes
+    assert peaks[best] <= budget_bytes < peaks[best + 1], (best, peaks)
+    # Nothing of the caller's changed: parameters, gradients, the inputs' dynamic marks.
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(hasattr(x, "_dynamo_dynamic_indices") for x in inputs)
+
+
+def test_peak_model_matches_static_planning():
+    """The formulas reproduce the simulator at other sizes. Planned statically, a size gets its own plan,
+    which for mlp tiny is the dynamic plan below 32 (from 32 on it keeps ``_log_softmax``, which the
+    dynamic plan, made at 4, recomputes)."""
+    model, inputs = models.mlp.build("tiny", batch_size=4)
+    peak = capacity.peak_model(model, inputs)
+    assert peak.traced_batch == 4 and "B" in peak.formula
+    assert peak(4) == peak.report().predicted_peak_bytes
+    for size in (2, 7, 16):
+        torch._dynamo.reset()
+        static = fxmem.inspect(model, *models.mlp.build("tiny", batch_size=size)[1])
+        assert (peak(size), peak.saved(size)) == (static.predicted_peak_bytes, static.predicted_saved_bytes)
+
+
+@pytest.mark.slow
+def test_peak_model_with_inductor_codegen(inductor_cache):
+    """Under Inductor fused kernels hold less: the formulas follow the fused simulation."""
+    model, inputs = models.mlp.build("tiny", batch_size=4)
+    peak = capacity.peak_model(model, inputs, codegen="inductor")
+    assert peak(4) == peak.report().predicted_peak_bytes
+    torch._dynamo.reset()
+    static = fxmem.inspect(model, *models.mlp.build("tiny", batch_size=9)[1], codegen="inductor")
+    assert peak(9) == static.predicted_peak_bytes
+
+
+def test_max_batch_size_extremes():
+    model, inputs = models.mlp.build("tiny", batch_size=4)
+    peak = capacity.peak_model(model, inputs)
+    assert capacity.largest_fitting(peak, peak(1) - 1) == 0  # not even one sample fits
+    assert capacity.largest_fitting(peak, 2**62, max_batch=100) == 100  # capped
+    assert capacity.largest_fitting(peak, peak(50)) == 50
+
+
+def test_largest_fitting_bisects():
+    assert capacity.largest_fitting(lambda b: 10 * b, 95, 1000) == 9
+    assert capacity.largest_fitting(lambda b: 10 * b, 100, 1000) == 10
+    assert capacity.largest_fitting(lambda b: b * b, 10**6, 10**9) == 1000
+    assert capacity.largest_fitting(lambda b: 5, 4, 10) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"memory_budget": 0.5}, "memory_budget"),
+        ({"memory_budget": -1}, "memory_budget"),
+        ({"memory_budget": True}, "memory_budget"),
+        ({"memory_budget": "8 parsecs"}, "memory_budget"),
+        ({"batch_dim": 2}, "batch_dim"),
+        ({"batch_dim": "0"}, "batch_dim"),
+        ({"max_batch": 0}, "max_batch"),
+        ({"quantize": "int7"}, "quantize"),
+    ],
+)
+def test_max_batch_size_validates_its_arguments(kwargs, match):
+    model, inputs = models.mlp.build("tiny", batch_size=4)
+    with pytest.raises(ValueError, match=match):
+        capacity.max_batch_size(model, inputs, **kwargs)
+
+
+def test_max_batch_size_validates_the_inputs():
+    model, (x, labels) = models.mlp.build("tiny", batch_size=4)
+    with pytest.raises(ValueError, match="disagree"):
+        capacity.max_batch_size(model, (x, labels[:3]), "1GiB")
+    with pytest.raises(ValueError, match="at least 2"):
+        capacity.max_batch_size(model, (x[:1], labels[:1]), "1GiB")
+    with pytest.raises(TypeError, match="nn.Module"):
+        capacity.max_batch_size(lambda x, y: x, (x, labels), "1GiB")
+
+
+# --- caching -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="FxmemPartitioner.uuid() is stable, so AOTAutograd's cache serves a graph that training compiled "
+    "without calling the partitioner: inspect(codegen='inductor') then finds no report and raises",
+)
+def test_inspect_with_inductor_on_a_warm_cache(inductor_cache):
+    model, inputs = models.mlp.build("tiny")
+    backend = fxmem.backend()  # codegen="inductor": training saves the compiled graph to the cache
+    torch.compile(model, backend=backend)(*inputs).backward()
+    assert len(backend.reports) == 1
+    torch._dynamo.reset()
+    report = fxmem.inspect(model, *inputs, codegen="inductor")  # same options: a cache hit
+    assert len(report) == 1
