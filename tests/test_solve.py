@@ -12,7 +12,8 @@ from fxmem.solve import Plan, Problem, available_solvers, evaluate, get_solver
 from fxmem.solve import greedy as greedy_mod  # noqa: F401  (registers "greedy")
 from fxmem.solve import ilp as ilp_mod  # registers "ilp"
 from fxmem.solve import mincut as mincut_mod
-from fxmem.solve.greedy import PlanState, _save_all
+from fxmem.solve.greedy import _save_all
+from fxmem.solve.moves import PlanState
 from fxmem.solve.problem import SolverNode
 from fxmem.solve.synthetic import (
     ALL_FORMATS,

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fxmem.solve.problem import Plan, Problem, make_plan
+from fxmem.solve.problem import Plan, Problem, check_rebuildable, format_tiers, make_plan
 from fxmem.solve.registry import register_solver
 
 DEFAULT_TIME_LIMIT_S = 60.0
@@ -54,26 +54,6 @@ def _scipy() -> tuple[Any, Any, Any, Any]:
     except ImportError as exc:  # scipy missing, or older than 1.9
         raise ImportError("solver 'ilp' needs scipy >= 1.9 (scipy.optimize.milp, HiGHS): pip install scipy") from exc
     return milp, Bounds, LinearConstraint, coo_matrix
-
-
-def format_tiers(formats: tuple[str, ...], bits: dict[str, int]) -> list[frozenset[str]]:
-    """The min-cut solver's tiers of admitted formats (one rule for both, so their objectives compare)."""
-    from fxmem.solve.mincut import _format_tiers
-
-    return _format_tiers(formats, bits)
-
-
-def check_rebuildable(problem: Problem, needed: set[str]) -> None:
-    """Raise ``ValueError`` if some required node can be neither saved nor rebuilt from saved nodes."""
-    rebuildable: set[str] = set()
-    for node in problem.nodes:
-        if node.name in needed and (
-            node.can_save or (node.can_recompute and all(i in rebuildable for i in node.inputs))
-        ):
-            rebuildable.add(node.name)
-    stuck = [n.name for n in problem.nodes if n.required and n.name not in rebuildable]
-    if stuck:
-        raise ValueError(f"no plan exists: the backward needs {stuck[:5]}, which can be neither saved nor recomputed")
 
 
 @dataclass

@@ -18,8 +18,8 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
-from fxmem.solve.greedy import refine_bracket
-from fxmem.solve.problem import Plan, Problem, SolverNode, make_plan
+from fxmem.solve.moves import refine_bracket
+from fxmem.solve.problem import Plan, Problem, SolverNode, check_rebuildable, format_tiers, make_plan
 from fxmem.solve.registry import register_solver
 
 _SOURCE, _SINK = "__source__", "__sink__"
@@ -75,22 +75,9 @@ class _FlowGraph:
         return {keys[i] for i in reached}
 
 
-def _check_rebuildable(problem: Problem, needed: set[str]) -> None:
-    """Every required node must be savable or recomputable from savable nodes; else no finite cut exists."""
-    rebuildable: set[str] = set()
-    for node in problem.nodes:
-        if node.name in needed and (
-            node.can_save or (node.can_recompute and all(i in rebuildable for i in node.inputs))
-        ):
-            rebuildable.add(node.name)
-    stuck = [n.name for n in problem.nodes if n.required and n.name not in rebuildable]
-    if stuck:
-        raise ValueError(f"no plan exists: the backward needs {stuck[:5]}, which can be neither saved nor recomputed")
-
-
 def cut(problem: Problem, lam: float, formats: frozenset[str], needed: set[str]) -> dict[str, str | None]:
     """The saved set (with formats) minimising held bytes + ``lam`` * added seconds."""
-    _check_rebuildable(problem, needed)
+    check_rebuildable(problem, needed)
     graph = _FlowGraph()
     chosen_fmt: dict[str, str | None] = {}
     for node in problem.nodes:
@@ -118,24 +105,17 @@ def cut(problem: Problem, lam: float, formats: frozenset[str], needed: set[str])
     }
 
 
-def _format_tiers(formats: tuple[str, ...], bits: dict[str, int]) -> list[frozenset[str]]:
-    """Admit formats widest first: {8-bit}, then {8, 4}, then {8, 4, 2}. Within a tier the price decides
-    between recomputing and quantizing; a narrower tier is tried only when the wider cannot meet the budget."""
-    widths = sorted({bits[f] for f in formats}, reverse=True) or [0]
-    return [frozenset(f for f in formats if bits[f] >= width) for width in widths]
-
-
 @register_solver("mincut")
 def solve_mincut(
     problem: Problem, formats: tuple[str, ...] = (), bits: dict[str, int] | None = None, *, refine: bool = True
 ) -> Plan:
     """Meet ``problem.budget_bytes`` with the least added time, or, with no byte budget, hold the fewest
     bytes whose added time stays within ``problem.max_added_s``. ``refine``: finish with
-    :func:`fxmem.solve.greedy.refine_bracket`, which reaches budgets between two prices' plans."""
+    :func:`fxmem.solve.moves.refine_bracket`, which reaches budgets between two prices' plans."""
     started = time.perf_counter()
     bits = bits or {f: 8 for f in formats}
     needed = problem.needed()
-    tiers = _format_tiers(formats, bits)
+    tiers = format_tiers(formats, bits)
     if problem.budget_bytes is None:
         # A time budget: quantize only with the widest formats, and only where the time allows.
         saved, lam = _search(problem, tiers[0], needed, by_time=True, refine=refine)

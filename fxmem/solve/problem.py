@@ -168,3 +168,23 @@ def make_plan(
         solve_time_s=solve_time_s,
         notes=list(notes),
     )
+
+
+def check_rebuildable(problem: Problem, needed: set[str]) -> None:
+    """Every required node must be savable or recomputable from savable nodes; else no finite cut exists."""
+    rebuildable: set[str] = set()
+    for node in problem.nodes:
+        if node.name in needed and (
+            node.can_save or (node.can_recompute and all(i in rebuildable for i in node.inputs))
+        ):
+            rebuildable.add(node.name)
+    stuck = [n.name for n in problem.nodes if n.required and n.name not in rebuildable]
+    if stuck:
+        raise ValueError(f"no plan exists: the backward needs {stuck[:5]}, which can be neither saved nor recomputed")
+
+
+def format_tiers(formats: tuple[str, ...], bits: dict[str, int]) -> list[frozenset[str]]:
+    """Admit formats widest first: {8-bit}, then {8, 4}, then {8, 4, 2}. Within a tier the price decides
+    between recomputing and quantizing; a narrower tier is tried only when the wider cannot meet the budget."""
+    widths = sorted({bits[f] for f in formats}, reverse=True) or [0]
+    return [frozenset(f for f in formats if bits[f] >= width) for width in widths]
