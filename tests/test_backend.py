@@ -53,15 +53,6 @@ def _id(case: tuple[str, str]) -> str:
     return "-".join(case)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    fxmem.clear_reports()
-    yield
-    torch._dynamo.reset()
-    fxmem.clear_reports()
-
-
 @pytest.fixture
 def fallback_random():
     """Inductor generates random numbers with PyTorch's eager RNG, so dropout masks match eager."""

@@ -38,15 +38,6 @@ VARIANTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    fxmem.clear_reports()
-    yield
-    torch._dynamo.reset()
-    fxmem.clear_reports()
-
-
 def _uuid(**options) -> str:
     return FxmemPartitioner(FxmemConfig(**options)).uuid()
 

@@ -52,15 +52,6 @@ def inductor_cache(tmp_path):
         yield
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    fxmem.clear_reports()
-    yield
-    torch._dynamo.reset()
-    fxmem.clear_reports()
-
-
 def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 

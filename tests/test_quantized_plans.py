@@ -15,13 +15,6 @@ CASES = [("int8", 0.3, ("rel", 2e-2)), ("fp8", 0.3, ("rel", 1e-1)), ("int2", 0.1
 BUDGET_SLACK = 0.03  # the measured fraction may exceed the budget by this much
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
