@@ -35,10 +35,10 @@ from fxmem import _compat
 from fxmem.compiler import _eager
 from fxmem.config import FxmemConfig, parse_bytes
 from fxmem.inspection.api import Report, _compile_kwargs, _device_type
-from fxmem.memory import saved_nodes, static_vals
+from fxmem.memory import saved_nodes, static_vals, storage_key
 from fxmem.partitioner import FxmemPartitioner, _copy
 from fxmem.report import GraphReport
-from fxmem.simulate import Timeline, _key, _Memory, _walk
+from fxmem.simulate import Timeline, _Memory, _walk
 
 __all__ = ["PeakModel", "largest_fitting", "max_batch_size", "peak_model"]
 
@@ -186,8 +186,8 @@ def _formulas(gms: Sequence[fx.GraphModule], batch: int) -> dict[Any, Any]:
     for gm in gms:
         for node in gm.graph.nodes:
             val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and _key(val) not in formulas:
-                formulas[_key(val)] = _storage_formula(val, batch)
+            if isinstance(val, torch.Tensor) and storage_key(val) not in formulas:
+                formulas[storage_key(val)] = _storage_formula(val, batch)
     return formulas
 
 
@@ -203,8 +203,8 @@ def _simulate_formulas(t: _Traced, batch: int, fused: bool) -> _GraphPeak:
     """``fxmem.simulate.simulate`` over ``t``'s graphs, with sizes as formulas."""
     formulas = _formulas((t.fw, t.bw), batch)
     static_list = [v for v in t.static if isinstance(v, torch.Tensor)]
-    static_keys = {_key(v) for v in static_list}
-    distinct_static = {_key(v): v for v in static_list}.values()
+    static_keys = {storage_key(v) for v in static_list}
+    distinct_static = {storage_key(v): v for v in static_list}.values()
     timeline = Timeline(static_bytes=sum(_compat.hint(v.untyped_storage().nbytes()) for v in distinct_static))
     (fw_out,) = t.fw.graph.find_nodes(op="output")
     fw_results = {n.name for n in fw_out.args[0] if isinstance(n, fx.Node)}
@@ -220,9 +220,9 @@ def _simulate_formulas(t: _Traced, batch: int, fused: bool) -> _GraphPeak:
     seen = set(static_keys)
     for node in saved_nodes(t.fw, t.num_fwd_outputs):
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and _key(val) not in seen:
-            seen.add(_key(val))
-            saved += formulas[_key(val)]
+        if isinstance(val, torch.Tensor) and storage_key(val) not in seen:
+            seen.add(storage_key(val))
+            saved += formulas[storage_key(val)]
     return _GraphPeak(_prune(points), sympy.expand(saved), timeline.static_bytes, t.report)
 
 

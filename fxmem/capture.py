@@ -121,7 +121,6 @@ def _tensor_facts(node: fx.Node, val: torch.Tensor, owner: str) -> TensorFacts:
     for d in shape_hint:
         numel *= d
     itemsize = val.dtype.itemsize
-    contiguous = _contiguous_strides(shape_hint)
     # Dense: some permutation of the dims is contiguous (covers channels-last and transposes).
     order = sorted(range(len(shape_hint)), key=lambda i: (stride_hint[i], shape_hint[i]))
     expected, dense = 1, True
@@ -132,7 +131,7 @@ def _tensor_facts(node: fx.Node, val: torch.Tensor, owner: str) -> TensorFacts:
     return TensorFacts(
         shape=shape,
         shape_hint=shape_hint,
-        stride_hint=stride_hint if stride_hint != contiguous else contiguous,
+        stride_hint=stride_hint,
         dtype=val.dtype,
         nbytes=numel * itemsize,
         nbytes_expr=sympy.simplify(numel_expr * itemsize)
@@ -141,14 +140,6 @@ def _tensor_facts(node: fx.Node, val: torch.Tensor, owner: str) -> TensorFacts:
         storage_owner=owner,
         dense=dense,
     )
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, running = [], 1
-    for d in reversed(shape):
-        strides.append(running)
-        running *= max(d, 1)
-    return tuple(reversed(strides))
 
 
 def _flops(node: fx.Node) -> float:

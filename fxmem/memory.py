@@ -11,23 +11,29 @@ import torch.fx as fx
 from fxmem import _compat
 
 
-def _storage_key(val: torch.Tensor) -> Any:
-    return _compat.StorageWeakRef(val.untyped_storage())
+def storage_key(val: Any) -> Any:
+    """What identifies a tensor's storage (views share it); ``None`` for a non-tensor."""
+    return _compat.StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
+
+
+def storage_bytes(val: Any) -> int:
+    """Bytes of a tensor's whole storage at the traced sizes; 0 for a non-tensor."""
+    return _compat.hint(val.untyped_storage().nbytes()) if isinstance(val, torch.Tensor) else 0
 
 
 def held_bytes(vals: Iterable[Any], static_vals: Iterable[Any]) -> int:
     """Bytes of the distinct storages among ``vals``, leaving out those of parameters and buffers:
     what ``torch.autograd.graph.saved_tensors_hooks`` sees the forward save."""
-    static = {_storage_key(v) for v in static_vals if isinstance(v, torch.Tensor)}
+    static = {storage_key(v) for v in static_vals if isinstance(v, torch.Tensor)}
     seen, total = set(), 0
     for val in vals:
         if not isinstance(val, torch.Tensor):
             continue
-        key = _storage_key(val)
+        key = storage_key(val)
         if key in static or key in seen:
             continue
         seen.add(key)
-        total += _compat.hint(val.untyped_storage().nbytes())
+        total += storage_bytes(val)
     return total
 
 

@@ -142,7 +142,6 @@ class _Attempt:
     problem_inputs: PlanningInputs
     joint: JointGraph
     timeline: Timeline
-    saved_count: int
 
 
 def _attempt(
@@ -179,7 +178,7 @@ def _attempt(
         outside_bytes=outside_graph_bytes(gm),
     )  # fmt: skip
     report.add_pass("rewrite", t, f"forward saves {len(saved)} tensors; {len(plan.recomputed)} nodes recomputed")
-    return _Attempt(fw, bw, plan, inputs, joint, timeline, len(saved))
+    return _Attempt(fw, bw, plan, inputs, joint, timeline)
 
 
 def _plan_and_split(

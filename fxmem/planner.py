@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from fxmem import _compat
-from fxmem.capture import JointGraph
+from fxmem.capture import JointGraph, NodeFacts
 from fxmem.config import FxmemConfig
 from fxmem.cost import CostModel
-from fxmem.quant import IntegerQuantizer, get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
+from fxmem.quant import IntegerQuantizer, Quantizer, get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
 from fxmem.rewrite import Codec
 from fxmem.solve import Problem, QuantOption, SolverNode
 
@@ -34,7 +34,6 @@ class PlanningInputs:
     codecs: dict[str, Codec]
     node_codecs: dict[tuple[str, str], Codec]  # (node, format) overrides: row-aligned groups, sign keeping
     step_s: float  # estimated time of a training step on the profile
-    node_time_s: dict[str, float]  # each forward node's own estimated time
 
 
 def make_codec(fmt: str, config: FxmemConfig, group_size: int | None = None, keep_sign: bool = False) -> Codec:
@@ -54,7 +53,8 @@ def build_problem(
     joint: JointGraph, config: FxmemConfig, cost: CostModel, reference_bytes: int | None
 ) -> PlanningInputs:
     formats = config.quant_formats
-    if formats and joint.dynamic:
+    dynamic = joint.dynamic
+    if formats and dynamic:
         log.warning("fxmem: quantization is not yet supported with dynamic shapes; keeping tensors unquantized")
         formats = ()
     quantizers = {fmt: get_quantizer(fmt, group_size=config.group_size) for fmt in formats}
@@ -65,7 +65,7 @@ def build_problem(
     required = set(joint.required)
     nodes: list[SolverNode] = []
     node_codecs: dict[tuple[str, str], Codec] = {}
-    node_time: dict[str, float] = {}
+    forward_s = 0.0
     known: set[str] = set()
     for node in joint.forward:
         facts = joint.facts[node]
@@ -74,40 +74,31 @@ def build_problem(
         tensor = facts.tensor
         dtype = tensor.dtype if tensor else None
         own = cost.node_time(facts.flops, facts.bytes_moved, dtype)
-        node_time[node.name] = own
+        forward_s += own
         held = 0 if tensor is None or tensor.storage_owner in owners_static else tensor.nbytes
         can_recompute = facts.can_recompute and (config.recompute or facts.kind in ("view", "getitem"))
         options: list[QuantOption] = []
-        if tensor is not None and held > 0 and tensor.dense and facts.kind != "view":
+        if tensor is not None and held > 0 and tensor.dense and facts.kind != "view" and not dynamic:
+            # (Codecs are traced at static sizes: under dynamic shapes tensors stay as they are.)
             numel = tensor.nbytes // tensor.dtype.itemsize
-            if joint.dynamic:
-                pass  # codecs are traced at static sizes; under dynamic shapes tensors stay as they are
-            elif tensor.dtype == torch.bool and config.codegen == "eager":
+            if tensor.dtype == torch.bool and config.codegen == "eager":
                 options.append(QuantOption(BITMASK, packed_bool_bytes(numel), cost.quant_time(held, numel // 8)))
-            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and facts.quantizable:
-                for fmt, q in quantizers.items():
+            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and quantizers:
+                if facts.norm_input == "row":
+                    # A layer/RMS norm's input: the backward divides its error by the row's std, so it is
+                    # stored only as int8 (whichever format was asked for), in groups within one row.
+                    group = _row_group(tensor.shape_hint[-1] if tensor.shape_hint else numel)
+                    stored = get_quantizer("int8", group_size=group).stored_bytes(numel, tensor.dtype)
+                    options.append(
+                        QuantOption("int8", stored, cost.quant_time(held, stored), cost.precision_penalty(held, 8))
+                    )
+                    node_codecs[(node.name, "int8")] = make_codec("int8", config, group)
+                for fmt, q in _admitted(facts, quantizers, config).items():
                     stored = q.stored_bytes(numel, tensor.dtype)
                     penalty = cost.precision_penalty(held, q.bits)
                     options.append(QuantOption(fmt, stored, cost.quant_time(held, stored), penalty))
                     if facts.sign_read and isinstance(q, IntegerQuantizer):
                         node_codecs[(node.name, fmt)] = make_codec(fmt, config, keep_sign=True)
-            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and facts.norm_input == "batch":
-                # Batch/group norm statistics span many rows, which averages stored errors out: 4 bits and up.
-                for fmt in ("int8", *(f for f, q in quantizers.items() if q.bits >= 4 and f != "int8")):
-                    q = quantizers.get(fmt) or get_quantizer(fmt, group_size=config.group_size)
-                    stored = q.stored_bytes(numel, tensor.dtype)
-                    penalty = cost.precision_penalty(held, q.bits)
-                    options.append(QuantOption(fmt, stored, cost.quant_time(held, stored), penalty))
-            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and quantizers:
-                # A layer/RMS norm's input: the backward divides its error by the row's std, so it is stored
-                # only as int8 (whichever format was asked for), in groups that never straddle two rows.
-                group = _row_group(tensor.shape_hint[-1] if tensor.shape_hint else numel)
-                codec = make_codec("int8", config, group)
-                stored = get_quantizer("int8", group_size=group).stored_bytes(numel, tensor.dtype)
-                options.append(
-                    QuantOption("int8", stored, cost.quant_time(held, stored), cost.precision_penalty(held, 8))
-                )
-                node_codecs[(node.name, "int8")] = codec
         nodes.append(
             SolverNode(
                 name=node.name,
@@ -122,7 +113,7 @@ def build_problem(
             )
         )
         known.add(node.name)
-    step_s = STEP_OVER_FORWARD * sum(node_time.values())
+    step_s = STEP_OVER_FORWARD * forward_s
     problem = Problem(nodes)
     budget = config.memory_budget
     if budget is None:
@@ -138,7 +129,20 @@ def build_problem(
     lossless = (BITMASK,) if config.codegen == "eager" else ()
     all_formats = tuple(dict.fromkeys((*formats, *(("int8",) if formats else ()), *lossless)))
     codecs = {fmt: make_codec(fmt, config) for fmt in all_formats}
-    return PlanningInputs(problem, all_formats, bits, codecs, node_codecs, step_s, node_time)
+    return PlanningInputs(problem, all_formats, bits, codecs, node_codecs, step_s)
+
+
+def _admitted(facts: NodeFacts, quantizers: dict[str, Quantizer], config: FxmemConfig) -> dict[str, Quantizer]:
+    """The quantizers a floating tensor may be stored with, by what reads it (row-norm inputs: none here,
+    they get their own row-aligned int8)."""
+    if facts.quantizable:
+        return quantizers
+    if facts.norm_input == "batch":
+        # Batch/group norm statistics span many rows, which averages stored errors out: 4 bits and up.
+        admitted = {"int8": quantizers.get("int8") or get_quantizer("int8", group_size=config.group_size)}
+        admitted.update((fmt, q) for fmt, q in quantizers.items() if q.bits >= 4)
+        return admitted
+    return {}
 
 
 def _row_group(row: int) -> int:

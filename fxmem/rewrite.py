@@ -143,10 +143,9 @@ def _check_backward_inputs(bw: fx.GraphModule, saved: list[fx.Node], saved_sym: 
     for node in bw.graph.find_nodes(op="placeholder"):
         if node.name in allowed or _compat.is_tangent(node) or "seed" in node.name or "offset" in node.name:
             continue
-        if "backward_state" in node.name or node.name.startswith("primals"):
-            # A primal the backward reads must have been saved; anything else is a plan we cannot run.
-            if node.name.startswith("primals"):
-                raise UnsupportedGraph(f"the backward reads input {node.name} that the plan does not save")
+        if node.name.startswith("primals"):  # a primal the backward reads must have been saved
+            raise UnsupportedGraph(f"the backward reads input {node.name} that the plan does not save")
+        if "backward_state" in node.name:
             continue
         raise UnsupportedGraph(f"the backward reads {node.name}, which the plan neither saves nor recomputes")
 

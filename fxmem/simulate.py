@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxmem import _compat
+from fxmem.memory import storage_bytes, storage_key
 
 # Ops whose result Inductor writes to memory even when a single pointwise consumer follows.
 _FUSIBLE_KINDS = ("pointwise", "view", "getitem")
@@ -39,16 +39,6 @@ class Timeline:
             return None
         phase, name, _ = max(self.points, key=lambda p: p[2])
         return phase, name
-
-
-def _bytes(val: Any) -> int:
-    if isinstance(val, torch.Tensor):
-        return _compat.hint(val.untyped_storage().nbytes())
-    return 0
-
-
-def _key(val: Any) -> Any:
-    return _compat.StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
 
 
 def _is_fusible(node: fx.Node) -> bool:
@@ -105,11 +95,11 @@ def _walk(
         if node.op == "output":
             break
         val = node.meta.get("val")
-        key = _key(val)
+        key = storage_key(val)
         if key is not None and key not in static_keys:
             materialised = node.op == "placeholder" or not (fused and _is_fusible(node))
             if materialised or key in memory.sizes:
-                memory.hold(key, _bytes(val))
+                memory.hold(key, storage_bytes(val))
                 held[node] = key
         for arg in node.all_input_nodes:
             if last_use.get(arg) == i and arg in held and arg.name not in keep:
@@ -131,8 +121,8 @@ def simulate(
 ) -> Timeline:
     """``outside_bytes``: device memory live outside the graph (e.g. optimizer state), a constant floor."""
     static_list = [v for v in static if isinstance(v, torch.Tensor)]
-    static_keys = {_key(v) for v in static_list}
-    params = sum(_bytes(v) for v in {_key(v): v for v in static_list}.values())
+    static_keys = {storage_key(v) for v in static_list}
+    params = sum(storage_bytes(v) for v in {storage_key(v): v for v in static_list}.values())
     timeline = Timeline(static_bytes=params + outside_bytes)
     (fw_out,) = fw.graph.find_nodes(op="output")
     fw_results = [n for n in fw_out.args[0] if isinstance(n, fx.Node)]
