@@ -17,8 +17,6 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import (
     _extract_fwd_bwd_outputs,
     _must_be_in_backward,
-    classify_nodes,
-    default_partition,
     force_save_bw_mutation_src,
     force_save_collectives,
     force_save_effectful_ops,
@@ -26,20 +24,14 @@ from torch._functorch.partitioners import (
 )
 from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import is_sym_node, make_fx
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.checkpoint import CheckpointPolicy
 
 __all__ = [
-    "CheckpointPolicy",
     "CustomPartitionerFn",
-    "FakeTensor",
     "StorageWeakRef",
     "aot_autograd",
-    "classify_nodes",
     "compile_fx",
-    "default_partition",
     "detect_fake_mode",
     "extract_fwd_bwd_modules",
     "fwd_bwd_outputs",
@@ -50,7 +42,6 @@ __all__ = [
     "is_sym_node",
     "is_tangent",
     "make_boxed_func",
-    "make_fx",
     "min_cut_rematerialization_partition",
     "must_be_in_backward",
     "symbolic_expr",
