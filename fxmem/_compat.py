@@ -24,6 +24,7 @@ from torch._functorch.partitioners import (
 )
 from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import is_sym_node, make_fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -46,6 +47,7 @@ __all__ = [
     "must_be_in_backward",
     "symbolic_expr",
     "trace_with_decompositions",
+    "unset_fake_temporarily",
 ]
 
 is_primal = _is_primal

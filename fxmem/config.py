@@ -112,6 +112,7 @@ class FxmemConfig:
     group_size: int | None = None
     stochastic_rounding: bool = False
     on_infeasible: str = "auto"
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
@@ -121,8 +122,15 @@ class FxmemConfig:
             raise ValueError(f"recompute: expected True or False, got {self.recompute!r}")
         if not isinstance(self.stochastic_rounding, bool):
             raise ValueError(f"stochastic_rounding: expected True or False, got {self.stochastic_rounding!r}")
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"calibrate: expected True or False, got {self.calibrate!r}")
         set_("codegen", _choice("codegen", self.codegen, CODEGENS))
         set_("device", _choice("device", self.device, DEVICE_PROFILES))
+        if self.calibrate and self.device != "auto":
+            raise ValueError(
+                f"calibrate: measures the device the graph runs on, so it needs device='auto', "
+                f"got device={self.device!r}"
+            )
         set_("on_infeasible", _choice("on_infeasible", self.on_infeasible, ON_INFEASIBLE))
         if self.group_size is not None and (
             isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0

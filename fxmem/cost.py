@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """Peak dense FLOP/s by dtype and memory bandwidth in bytes/s (vendor figures, derated ~25%)."""
+    """Peak dense FLOP/s by dtype and memory bandwidth in bytes/s: vendor figures derated ~25% in
+    ``PROFILES``, measured on the device with ``calibrate=True`` (``fxmem.calibrate``)."""
 
     name: str
     flops: dict[str, float]

@@ -20,6 +20,7 @@ from typing import Any
 import torch.fx as fx
 
 from fxmem import _compat
+from fxmem.calibrate import calibrated_profile
 from fxmem.capture import JointGraph, UnsupportedGraph, capture
 from fxmem.config import FxmemConfig
 from fxmem.cost import get_cost_model, resolve_profile
@@ -156,7 +157,7 @@ def _attempt(
     report.add_pass("capture", t, f"{len(joint.forward)} forward nodes, {len(joint.required)} read by the backward")
 
     t = time.perf_counter()
-    profile = resolve_profile(config.device, joint.device)
+    profile = calibrated_profile(joint.device) if config.calibrate else resolve_profile(config.device, joint.device)
     inputs = build_problem(joint, config, get_cost_model(config.cost_model, profile), reference)
     if saved_budget is not None:
         inputs.problem.budget_bytes = max(0.0, saved_budget)

@@ -200,12 +200,19 @@ def test_choices_are_case_insensitive():
     assert got == ("eager", "cpu", "auto", "best_effort")
 
 
-@pytest.mark.parametrize("option", ["recompute", "stochastic_rounding"])
+@pytest.mark.parametrize("option", ["recompute", "stochastic_rounding", "calibrate"])
 @pytest.mark.parametrize("value", ["yes", 1, 0, None])
 def test_bad_bool_option(option, value):
     message = _error(**{option: value})
     assert message.startswith(f"{option}:")
     assert "True or False" in message
+
+
+def test_calibrate_needs_the_auto_device():
+    message = _error(calibrate=True, device="h100")
+    assert message.startswith("calibrate:")
+    assert "device='auto'" in message and "'h100'" in message
+    assert FxmemConfig(calibrate=True, device="AUTO").calibrate is True
 
 
 @pytest.mark.parametrize("value", [0, -8, True, 1.5, "64"])
@@ -250,6 +257,7 @@ VARIANTS = [
     {"group_size": 64},
     {"stochastic_rounding": True},
     {"on_infeasible": "error"},
+    {"calibrate": True},
 ]
 
 
