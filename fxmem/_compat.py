@@ -38,6 +38,7 @@ __all__ = [
     "fwd_bwd_outputs",
     "force_save",
     "hint",
+    "inductor_decompositions",
     "inductor_layout_opt",
     "is_primal",
     "is_sym_node",
@@ -67,11 +68,18 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Any, config_patches: dict[str
     return _compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
-def trace_with_decompositions(fn: Any, args: Any) -> fx.GraphModule:
-    """``make_fx`` with Inductor's decompositions, so traced code matches the joint graph's op set."""
+def inductor_decompositions() -> dict[Any, Any]:
+    """The decompositions Inductor applies before partitioning: the eager codegen applies them too, so
+    both codegens plan the same joint graph."""
+    import torch._inductor.lowering  # noqa: F401 - some decompositions (max pooling) ask the lowerings
     from torch._inductor.decomposition import select_decomp_table
 
-    return make_fx(fn, decomposition_table=select_decomp_table())(*args)
+    return select_decomp_table()
+
+
+def trace_with_decompositions(fn: Any, args: Any) -> fx.GraphModule:
+    """``make_fx`` with Inductor's decompositions, so traced code matches the joint graph's op set."""
+    return make_fx(fn, decomposition_table=inductor_decompositions())(*args)
 
 
 def inductor_layout_opt(fw: fx.GraphModule) -> bool:

@@ -73,6 +73,7 @@ class NodeFacts:
     norm_input: str | None  # "row" (layer/RMS norm: statistics of one row) or "batch" (over many rows)
     sign_read: bool  # a ReLU's output: its backward reads the sign, which quantization must keep
     user_policy: str | None  # a torch.utils.checkpoint policy name, when the user annotated the node
+    backward_only: bool = False  # no forward output depends on it: only the backward reads it
 
 
 @dataclass
@@ -165,6 +166,17 @@ def _bytes_of(val: Any) -> float:
     return 0.0
 
 
+def _zero_dropout(node: fx.Node) -> bool:
+    """Whether a seeded op's only randomness is a ``dropout_p`` argument set to 0 (attention kernels):
+    then it is deterministic and may be recomputed."""
+    schema = getattr(node.target, "_schema", None)
+    for i, arg in enumerate(schema.arguments if schema is not None else ()):
+        if arg.name == "dropout_p":
+            value = node.args[i] if i < len(node.args) else node.kwargs.get("dropout_p", arg.default_value)
+            return value == 0
+    return False
+
+
 def _classify(node: fx.Node, is_view: bool, static_inputs: set[fx.Node]) -> str:
     if node.op == "placeholder":
         return "param" if node in static_inputs else "input"
@@ -173,7 +185,7 @@ def _classify(node: fx.Node, is_view: bool, static_inputs: set[fx.Node]) -> str:
     if node.target is operator.getitem:
         return "getitem"
     tags = getattr(node.target, "tags", ())
-    if RANDOM_TAG in tags:
+    if RANDOM_TAG in tags and not _zero_dropout(node):
         return "random"
     name = _op_name(node)
     if is_view:
@@ -219,7 +231,7 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
     forward = [n for n in graph.nodes if n.op != "output" and n not in backward]
     forward_set = set(forward)
 
-    _, bwd_outputs = _compat.fwd_bwd_outputs(gm, num_fwd_outputs)
+    fwd_outputs, bwd_outputs = _compat.fwd_bwd_outputs(gm, num_fwd_outputs)
     required: dict[fx.Node, None] = {}
     for node in graph.nodes:
         if node in backward:
@@ -236,7 +248,19 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
         joint.facts[node] = _node_facts(node, static_inputs, owners)
         node.meta["fxmem"] = joint.facts[node]
     _mark_normalisation_inputs(joint)
+    _mark_backward_only(joint, [o for o in fwd_outputs if isinstance(o, fx.Node)])
     return joint
+
+
+def _mark_backward_only(joint: JointGraph, fwd_outputs: list[fx.Node]) -> None:
+    """Mark the forward-computable nodes no forward output depends on (e.g. the one-hot of a loss's
+    backward): computing them in the backward instead of the forward costs nothing extra."""
+    needed = set(fwd_outputs)
+    for node in reversed(joint.forward):
+        if node in needed:
+            needed.update(node.all_input_nodes)
+        else:
+            joint.facts[node].backward_only = True
 
 
 def _norm_kind(user: fx.Node) -> str | None:
@@ -288,7 +312,8 @@ def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, st
     policy = node.meta.get("recompute")
     policy_name = getattr(policy, "name", None)
     is_sym = _compat.is_sym_node(node)
-    impure = node.op == "call_function" and node.is_impure() and kind != "random"
+    # fx calls seeded ops impure; their randomness is handled by ``kind`` (zero-dropout attention is not)
+    impure = node.op == "call_function" and node.is_impure() and RANDOM_TAG not in getattr(node.target, "tags", ())
     can_recompute = node.op in ("call_function", "get_attr") and kind not in ("random", "collective") and not impure
     can_recompute = can_recompute and _op_name(node) not in _NEVER_RECOMPUTE_OPS
     if policy_name == "MUST_SAVE":

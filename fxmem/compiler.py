@@ -50,9 +50,35 @@ def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: Fxmem
     def run_graph(graph_module: fx.GraphModule, _inputs: Any) -> Any:
         return _compat.make_boxed_func(graph_module.forward)
 
-    return _compat.aot_autograd(fw_compiler=run_graph, bw_compiler=run_graph, partition_fn=partitioner)(
-        gm, example_inputs
-    )
+    return _compat.aot_autograd(
+        fw_compiler=run_graph,
+        bw_compiler=run_graph,
+        partition_fn=partitioner,
+        decompositions=_eager_decompositions(),
+    )(gm, example_inputs)
+
+
+def _eager_decompositions() -> dict[Any, Any]:
+    """Inductor's decompositions, so the eager codegen plans the joint graph Inductor would, except those
+    of random ops: these draw as in eager mode, so a seed gives eager's random numbers."""
+    table = {
+        op: fn
+        for op, fn in _compat.inductor_decompositions().items()
+        if torch.Tag.nondeterministic_seeded not in getattr(op, "tags", ())
+    }
+    table[torch.ops.aten.native_dropout.default] = _native_dropout
+    return table
+
+
+def _native_dropout(input: torch.Tensor, p: float, train: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout as a random mask and a pointwise product: the backward can then recompute the output from
+    the saved mask. Draws the same numbers as the eager kernel (``bernoulli_`` with the keep probability
+    on a tensor shaped like the input)."""
+    if train is not None and not train:
+        return input.clone(), torch.ones_like(input, dtype=torch.bool)
+    keep = 1.0 - p
+    mask = torch.bernoulli(input, keep).to(torch.bool)
+    return input * mask * (1.0 / keep if keep > 0 else 0.0), mask
 
 
 def fxmem_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:

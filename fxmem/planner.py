@@ -76,7 +76,10 @@ def build_problem(
         own = cost.node_time(facts.flops, facts.bytes_moved, dtype)
         forward_s += own
         held = 0 if tensor is None or tensor.storage_owner in owners_static else tensor.nbytes
-        can_recompute = facts.can_recompute and (config.recompute or facts.kind in ("view", "getitem"))
+        # recompute=False still rebuilds what reads nothing (views of a held base, constants, index ranges)
+        # and leaves backward work (nodes no forward output needs) to the backward.
+        free = facts.kind in ("view", "getitem") or all(_compat.is_sym_node(a) for a in node.all_input_nodes)
+        can_recompute = facts.can_recompute and (config.recompute or free or facts.backward_only)
         options: list[QuantOption] = []
         if tensor is not None and held > 0 and tensor.dense and facts.kind != "view" and not dynamic:
             # (Codecs are traced at static sizes: under dynamic shapes tensors stay as they are.)
@@ -104,7 +107,7 @@ def build_problem(
                 name=node.name,
                 inputs=tuple(a.name for a in node.all_input_nodes if a.name in known),
                 save_bytes=held,
-                recompute_s=cost.recompute_time(facts.kind, own),
+                recompute_s=0.0 if facts.backward_only else cost.recompute_time(facts.kind, own),
                 can_save=facts.can_save,
                 can_recompute=can_recompute,
                 required=node in required,

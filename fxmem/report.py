@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fxmem.capture import JointGraph
+    from fxmem.capture import JointGraph, NodeFacts
     from fxmem.planner import PlanningInputs
     from fxmem.simulate import Timeline
     from fxmem.solve import Plan
 
 log = logging.getLogger("fxmem")
 _REPORTS: list[GraphReport] = []
+BACKWARD_ONLY_REASON = "only the backward reads it: computed there instead of in the forward"
 
 
 @dataclass
@@ -104,7 +105,7 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
             stored = solver_node.save_bytes
         elif decision.kind == "quantize":
             stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
-        reason = _reason(decision.kind, facts.kind, solver_node, decision.fmt)
+        reason = _reason(decision.kind, facts, solver_node, decision.fmt)
         rows.append(
             TensorRow(
                 name=node.name,
@@ -153,7 +154,10 @@ def _quant_time(node: Any, fmt: str | None) -> float:
     return next((o.added_s for o in node.quant_options if o.fmt == fmt), 0.0)
 
 
-def _reason(decision: str, kind: str, node: Any, fmt: str | None) -> str:
+def _reason(decision: str, facts: NodeFacts, node: Any, fmt: str | None) -> str:
+    kind = facts.kind
+    if decision == "recompute" and facts.backward_only:
+        return BACKWARD_ONLY_REASON
     if decision == "recompute":
         return f"{kind} op: recomputing costs less than holding {node.save_bytes} bytes"
     if decision == "quantize":

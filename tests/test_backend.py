@@ -29,9 +29,9 @@ from tests.helpers import (
     run_step,
 )
 
-# fp32 with codegen="eager": fxmem runs the same aten ops as eager PyTorch, only split differently and
-# with some of them recomputed, so gradients agree to rounding (in practice bit for bit).
-EAGER_TOL = 1e-6
+# fp32 with codegen="eager": fxmem runs the joint graph Inductor would see, with Inductor's decompositions
+# (batch norm as an explicit mean and variance, ...), which round differently from eager's fused kernels.
+EAGER_TOL = 1e-5
 # fp32 with Inductor: fused kernels reorder floating-point reductions, so results differ by rounding.
 INDUCTOR_TOL = 1e-4
 # Fractional budgets recompute more of the forward; recomputation with the same ops is exact, but allow

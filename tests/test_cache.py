@@ -35,6 +35,7 @@ VARIANTS = [
     {"group_size": 32},
     {"stochastic_rounding": True},
     {"on_infeasible": "best_effort"},
+    {"calibrate": True},
 ]
 
 

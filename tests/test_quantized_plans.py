@@ -35,7 +35,9 @@ def test_quantized_plan_meets_budget_and_error_bound(model_name, quantize, budge
 
     assert report.fallback_reason is None
     assert any(row.decision == "quantize" for row in report.rows)
-    assert loss.item() == eager_loss.item()  # the forward reads full-precision values only
+    # The forward reads full-precision values only: its loss is eager's up to the rounding of the
+    # decomposed ops (a quantized read would be off by ~1e-3).
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
     assert saved == report.predicted_saved_bytes
     assert saved <= (budget + BUDGET_SLACK) * report.reference_saved_bytes
     grads = _flat_grads(model)
@@ -52,4 +54,4 @@ def test_recomputed_view_of_quantized_tensor_keeps_forward_exact():
     expected = model(*inputs).item()
     model, inputs = build("vit")
     backend = fxmem.backend(codegen="eager", quantize="int2", recompute=False, memory_budget=0.15)
-    assert torch.compile(model, backend=backend)(*inputs).item() == expected
+    assert torch.compile(model, backend=backend)(*inputs).item() == pytest.approx(expected, rel=1e-6)
