@@ -180,7 +180,12 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     compiled = torch.compile(work, backend=compiler, **_compile_kwargs())
     log.debug("fxmem.inspect: tracing %s with options %s", type(original).__name__, compiler.config.as_dict())
     try:
-        with torch.random.fork_rng(device_type=_device_type(original, example_inputs)), torch.enable_grad():
+        # A compile served from Inductor's or AOTAutograd's cache skips the partitioner, leaving no report.
+        with (
+            torch.compiler.config.patch(force_disable_caches=True),
+            torch.random.fork_rng(device_type=_device_type(original, example_inputs)),
+            torch.enable_grad(),
+        ):
             output = compiled(*example_inputs)
     except Exception as err:
         inner = getattr(err, "inner_exception", None)  # torch.compile wraps what a backend raises

@@ -1,0 +1,98 @@
+"""First-call time of fxmem's eager codegen against PyTorch's own budget partitioner without Inductor.
+
+The first call of a compiled model traces it (Dynamo, AOTAutograd), partitions the joint graph and runs
+one forward and backward. Three ways, each with the same fractional budget and no Inductor:
+
+* ``torch``: the ``aot_eager`` backend (PyTorch's min-cut partitioner with
+  ``activation_memory_budget``, no decompositions);
+* ``torch-decomp``: ``aot_eager_decomp_partition`` (the same partitioner on Inductor's decomposed
+  joint graph, the graph fxmem plans);
+* ``fxmem``: ``fxmem.backend(memory_budget=B, codegen="eager", quantize="none")``.
+
+Every backend first compiles a throwaway model, so one-time imports are not charged to the first row.
+Times are the median of ``--repeats`` first calls (a fresh model and ``torch._dynamo.reset()`` each).
+
+    python bench/first_call.py                         # bundled tiny models and gpt small (a minute or two)
+    python bench/first_call.py --models gpt:small --budgets 0.4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fxmem  # noqa: E402
+
+DEFAULT_MODELS = ("mlp:tiny", "gpt:tiny", "vit:tiny", "resnet:tiny", "gpt:small")
+SYSTEMS = ("torch", "torch-decomp", "fxmem")
+
+
+def _backend(system: str, budget: float) -> tuple[Any, float]:
+    """The backend and the ``activation_memory_budget`` to run it under."""
+    if system == "fxmem":
+        return fxmem.backend(memory_budget=budget, codegen="eager", quantize="none"), 1.0
+    return {"torch": "aot_eager", "torch-decomp": "aot_eager_decomp_partition"}[system], budget
+
+
+def first_call_s(build: Callable[[], tuple[torch.nn.Module, tuple]], system: str, budget: float) -> float:
+    torch._dynamo.reset()
+    model, inputs = build()
+    backend, torch_budget = _backend(system, budget)
+    with torch._functorch.config.patch(activation_memory_budget=torch_budget):
+        started = time.perf_counter()
+        torch.compile(model, backend=backend)(*inputs).backward()
+        return time.perf_counter() - started
+
+
+def _builder(spec: str) -> Callable[[], tuple[torch.nn.Module, tuple]]:
+    name, _, preset = spec.partition(":")
+    module = importlib.import_module(f"models.{name}")
+    return lambda: module.build(preset or "tiny")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="name:preset of models/")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.4, 0.1])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    warm = _builder("mlp:tiny")
+    for system in SYSTEMS:
+        first_call_s(warm, system, 0.5)
+    print(f"{'model':12s} {'budget':>6s} " + " ".join(f"{s + ' s':>14s}" for s in SYSTEMS) + "  fxmem/torch  fxmem/decomp")
+    rows = []
+    for spec in args.models:
+        build = _builder(spec)
+        for budget in args.budgets:
+            times = {s: statistics.median(first_call_s(build, s, budget) for _ in range(args.repeats)) for s in SYSTEMS}
+            row = {"model": spec, "budget": budget, **{f"{s}_s": t for s, t in times.items()}}
+            row["ratio_torch"] = times["fxmem"] / times["torch"]
+            row["ratio_decomp"] = times["fxmem"] / times["torch-decomp"]
+            rows.append(row)
+            print(
+                f"{spec:12s} {budget:6.2f} " + " ".join(f"{times[s]:14.2f}" for s in SYSTEMS)
+                + f"  {row['ratio_torch']:11.2f}  {row['ratio_decomp']:12.2f}",
+                flush=True,
+            )  # fmt: skip
+    worst = max(r["ratio_torch"] for r in rows)
+    print(f"\nworst fxmem / aot_eager first-call ratio: {worst:.2f} (target: at most 2)")
+    if args.json:
+        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
