@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     warm = _builder("mlp:tiny")
     for system in SYSTEMS:
         first_call_s(warm, system, 0.5)
-    print(f"{'model':12s} {'budget':>6s} " + " ".join(f"{s + ' s':>14s}" for s in SYSTEMS) + "  fxmem/torch  fxmem/decomp")
+    header = " ".join(f"{s + ' s':>14s}" for s in SYSTEMS)
+    print(f"{'model':12s} {'budget':>6s} {header}  fxmem/torch  fxmem/decomp")
     rows = []
     for spec in args.models:
         build = _builder(spec)

@@ -6,7 +6,9 @@ fix it here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ __all__ = [
     "CustomPartitionerFn",
     "StorageWeakRef",
     "aot_autograd",
+    "compile_caches_off",
     "compile_fx",
     "detect_fake_mode",
     "extract_fwd_bwd_modules",
@@ -80,6 +83,21 @@ def inductor_decompositions() -> dict[Any, Any]:
 def trace_with_decompositions(fn: Any, args: Any) -> fx.GraphModule:
     """``make_fx`` with Inductor's decompositions, so traced code matches the joint graph's op set."""
     return make_fx(fn, decomposition_table=inductor_decompositions())(*args)
+
+
+@contextlib.contextmanager
+def compile_caches_off() -> Iterator[None]:
+    """No compile served from Inductor's FX graph cache or AOTAutograd's cache, local or remote: a cached
+    compile skips the partitioner. (``torch.compiler.config.force_disable_caches`` would also turn off
+    Dynamo's profile-guided shapes, with a warning.)"""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    with (
+        inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False),
+        functorch_config.patch(enable_autograd_cache=False, enable_remote_autograd_cache=False),
+    ):
+        yield
 
 
 def inductor_layout_opt(fw: fx.GraphModule) -> bool:

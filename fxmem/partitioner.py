@@ -10,6 +10,7 @@ import copy
 import hashlib
 import itertools
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,9 +34,10 @@ from fxmem.solve import Plan, get_solver
 
 log = logging.getLogger(__name__)
 _graph_ids = itertools.count()
-# Held bytes, as fractions of the larger of the first plan's and the default's, tried in turn to bring
-# the simulated peak under an absolute budget.
-_SAVED_FRACTIONS = (0.7, 0.5, 0.35, 0.25, 0.17, 0.11, 0.07, 0.04, 0.02, 0.0)
+# The plans tried in turn to bring the simulated peak under an absolute budget: the least-time plan
+# (``inf``: no limit on held bytes), then plans holding fractions of what torch.compile's default holds
+# (of what the least-time plan holds, without the default). None depends on the budget.
+_PEAK_LADDER = (math.inf, 1.0, 0.7, 0.5, 0.35, 0.25, 0.17, 0.11, 0.07, 0.04, 0.02, 0.0)
 
 
 class InfeasibleBudget(ValueError):
@@ -159,8 +161,8 @@ def _attempt(
     t = time.perf_counter()
     profile = calibrated_profile(joint.device) if config.calibrate else resolve_profile(config.device, joint.device)
     inputs = build_problem(joint, config, get_cost_model(config.cost_model, profile), reference)
-    if saved_budget is not None:
-        inputs.problem.budget_bytes = max(0.0, saved_budget)
+    if saved_budget is not None:  # (no plan holds more than every node)
+        inputs.problem.budget_bytes = min(max(0.0, saved_budget), sum(n.save_bytes for n in inputs.problem.nodes))
     report.device_profile = profile.name
     report.estimated_step_s = inputs.step_s
     report.add_pass("cost", t, f"{len(inputs.problem.nodes)} solver nodes on the {profile.name} profile")
@@ -191,11 +193,12 @@ def _plan_and_split(
     report: GraphReport,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     budget = config.memory_budget
-    attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report)
-    feasible = attempt.plan.feasible or budget is None  # with no budget the time bound is a preference
     if isinstance(budget, int):
-        attempt = _fit_peak(gm, num_fwd_outputs, static, config, reference, report, attempt, budget)
+        attempt = _fit_peak(gm, num_fwd_outputs, static, config, reference, report, budget)
         feasible = attempt.timeline.peak_bytes <= budget
+    else:
+        attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report)
+        feasible = attempt.plan.feasible or budget is None  # with no budget the time bound is a preference
     if not feasible:
         _infeasible(config, report, attempt)
     plan = attempt.plan
@@ -212,23 +215,22 @@ def _plan_and_split(
 
 def _fit_peak(
     gm: fx.GraphModule, num_fwd_outputs: int, static: list[int], config: FxmemConfig, reference: int | None,
-    report: GraphReport, first: _Attempt, budget: int,
+    report: GraphReport, budget: int,
 ) -> _Attempt:  # fmt: skip
     """An absolute budget bounds the simulated peak, which is not monotonic in the bytes a plan holds
-    (recomputing more makes larger transients). Try plans holding ever fewer bytes, in a fixed order,
-    and take the first whose peak fits: the least added time among them, and a smaller budget can only
-    move the choice later in the order, to a plan whose peak is no larger. None fits: the lowest peak."""
-    scale = max(first.plan.saved_bytes, reference or 0)
-    best = first
-    attempt = first
-    for fraction in (None, *_SAVED_FRACTIONS):
-        if fraction is not None:
-            attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report, fraction * scale)
+    (recomputing more makes larger transients). Try the plans of ``_PEAK_LADDER``, holding ever fewer
+    bytes in an order no budget changes, and take the first whose peak fits: the least added time among
+    them, and a smaller budget can only move the choice later in the order, to a plan whose peak is no
+    larger. None fits: the lowest peak."""
+    best = attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report, _PEAK_LADDER[0])
+    scale = reference or attempt.plan.saved_bytes
+    for fraction in _PEAK_LADDER[1:]:
         if attempt.timeline.peak_bytes <= budget:
             return attempt
+        attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report, fraction * scale)
         if attempt.timeline.peak_bytes < best.timeline.peak_bytes:
             best = attempt
-    return best
+    return attempt if attempt.timeline.peak_bytes <= budget else best
 
 
 def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fxmem import _compat
 from fxmem.inspection import dot, explain, plot, schema, table
 from fxmem.inspection.timeline import Timeline, build_timeline
 from fxmem.report import GraphReport, TensorRow, reports
@@ -180,9 +181,8 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     compiled = torch.compile(work, backend=compiler, **_compile_kwargs())
     log.debug("fxmem.inspect: tracing %s with options %s", type(original).__name__, compiler.config.as_dict())
     try:
-        # A compile served from Inductor's or AOTAutograd's cache skips the partitioner, leaving no report.
         with (
-            torch.compiler.config.patch(force_disable_caches=True),
+            _compat.compile_caches_off(),  # a compile served from a cache would leave no report
             torch.random.fork_rng(device_type=_device_type(original, example_inputs)),
             torch.enable_grad(),
         ):
