@@ -1,0 +1,115 @@
+"""Planning time on one joint graph: fxmem's partitioner against PyTorch's budget partitioner.
+
+The model and its inputs live on the ``meta`` device, so tracing allocates and computes nothing; a
+recording backend captures AOTAutograd's joint graph (with Inductor's decompositions, as fxmem's eager
+codegen and Inductor see it) and both partitioners then split private copies of it:
+
+* ``torch``: ``min_cut_rematerialization_partition`` with ``activation_memory_budget = B``;
+* ``fxmem``: fxmem's whole partition pass (PyTorch's min-cut for the reference, then capture, cost,
+  solve, rewrite and simulate), planning for the ``--device`` profile, ``quantize="none"``.
+
+Times are the median of ``--repeats`` runs per budget.
+
+    python bench/planning_time.py                                  # GPT-2 small, 8x1024 (about a minute)
+    python bench/planning_time.py --model gpt:tiny --budgets 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fxmem import _compat  # noqa: E402
+from fxmem.config import FxmemConfig  # noqa: E402
+from fxmem.partitioner import FxmemPartitioner  # noqa: E402
+
+
+def capture_joint(spec: str) -> tuple[Any, list, dict]:
+    """``(joint graph, joint inputs, partitioner kwargs)`` of one training step of ``name:preset``."""
+    name, _, preset = spec.partition(":")
+    model, inputs = importlib.import_module(f"models.{name}").build(preset or "tiny", device="meta")
+    captured: list[tuple[Any, list, dict]] = []
+
+    def record(gm, joint_inputs, **kwargs):
+        captured.append((copy.deepcopy(gm), list(joint_inputs), dict(kwargs)))
+        return _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+
+    def nop(gm, _inputs):
+        return _compat.make_boxed_func(gm.forward)
+
+    backend = _compat.aot_autograd(
+        fw_compiler=nop, bw_compiler=nop, partition_fn=record, decompositions=_compat.inductor_decompositions()
+    )
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(*inputs)
+    (joint,) = captured
+    return joint
+
+
+def _torch_partition(gm: Any, joint_inputs: list, kwargs: dict, budget: float) -> None:
+    with torch._functorch.config.patch(activation_memory_budget=budget):
+        _compat.min_cut_rematerialization_partition(copy.deepcopy(gm), joint_inputs, **kwargs)
+
+
+def _fxmem_partition(partitioner: FxmemPartitioner, gm: Any, joint_inputs: list, kwargs: dict) -> None:
+    partitioner(copy.deepcopy(gm), joint_inputs, **kwargs)
+
+
+def _median_s(repeats: int, fn: Callable[..., None], *args: Any) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt:gpt2-small", help="name:preset of models/")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.4, 0.1])
+    parser.add_argument("--device", default="h100", help="fxmem's device profile")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    gm, joint_inputs, kwargs = capture_joint(args.model)
+    nodes = len(gm.graph.nodes)
+    print(f"{args.model}: joint graph of {nodes} nodes, traced on meta in {time.perf_counter() - started:.1f} s")
+    print(f"{'budget':>6s} {'torch s':>8s} {'fxmem s':>8s} {'ratio':>6s}   fxmem passes (s)")
+    rows = []
+    for budget in args.budgets:
+        partitioner = FxmemPartitioner(FxmemConfig(memory_budget=budget, device=args.device, codegen="eager"))
+        reports: list = []
+        partitioner.on_report = reports.append
+
+        torch_s = _median_s(args.repeats, _torch_partition, gm, joint_inputs, kwargs, budget)
+        fxmem_s = _median_s(args.repeats, _fxmem_partition, partitioner, gm, joint_inputs, kwargs)
+        passes: dict[str, float] = {}
+        for record in reports[-1].passes:
+            passes[record.name] = passes.get(record.name, 0.0) + record.seconds
+        row = {"budget": budget, "torch_s": torch_s, "fxmem_s": fxmem_s, "ratio": fxmem_s / torch_s, "passes": passes}
+        rows.append(row)
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in passes.items())
+        print(f"{budget:6.2f} {torch_s:8.2f} {fxmem_s:8.2f} {row['ratio']:6.2f}   {detail}", flush=True)
+    if args.json:
+        payload = {"model": args.model, "nodes": nodes, "torch": torch.__version__, "rows": rows}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
