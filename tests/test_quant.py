@@ -295,6 +295,8 @@ def test_registry_and_validation():
     q = get_quantizer("int4", group_size=64)
     assert q == get_quantizer("int4", group_size=64) and hash(q) == hash(get_quantizer("int4", group_size=64))
     assert q != get_quantizer("int4") and "group_size=64" in repr(q)
+    signed = get_quantizer("int4", group_size=64, keep_sign=True)
+    assert signed != q and hash(signed) != hash(q) and "keep_sign=True" in repr(signed)
 
     with pytest.raises(ValueError, match="already taken"):
 

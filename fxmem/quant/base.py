@@ -114,16 +114,20 @@ class Quantizer(abc.ABC):
         if not dtype.is_floating_point:
             raise ValueError(f"{self.name}: can only dequantize to a floating dtype, got {dtype}")
 
+    def options(self) -> dict[str, object]:
+        """What, besides the class, decides this quantizer's output (equality, hashing and repr use it)."""
+        return {"group_size": self.group_size, "stochastic": self.stochastic}
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(group_size={self.group_size}, stochastic={self.stochastic})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.options().items())})"
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return (self.group_size, self.stochastic) == (other.group_size, other.stochastic)  # type: ignore[attr-defined]
+        return self.options() == other.options()  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash((type(self), self.group_size, self.stochastic))
+        return hash((type(self), *self.options().items()))
 
 
 def register_quantizer(name: str) -> Callable[[_Q], _Q]:

@@ -68,6 +68,9 @@ class IntegerQuantizer(Quantizer):
             raise ValueError(f"{self.name}: keep_sign must be a bool, got {keep_sign!r}")
         self.keep_sign = keep_sign
 
+    def options(self) -> dict[str, object]:
+        return {**super().options(), "keep_sign": self.keep_sign}
+
     def _round(self, y: Tensor) -> Tensor:
         if self.stochastic:
             return torch.floor(y + torch.rand_like(y))
