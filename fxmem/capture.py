@@ -245,7 +245,7 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
     joint = JointGraph(gm, num_fwd_outputs, forward, backward, list(required), static_inputs)
     owners: dict[Any, str] = {}
     for node in forward:
-        joint.facts[node] = _node_facts(node, static_inputs, owners)
+        joint.facts[node] = _node_facts(node, static_inputs, owners, joint.facts)
         node.meta["fxmem"] = joint.facts[node]
     _mark_normalisation_inputs(joint)
     _mark_backward_only(joint, [o for o in fwd_outputs if isinstance(o, fx.Node)])
@@ -296,7 +296,22 @@ def _mark_normalisation_inputs(joint: JointGraph) -> None:
             joint.facts[node].norm_input = kinds[node]
 
 
-def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, str]) -> NodeFacts:
+def _view_base(node: fx.Node) -> fx.Node | None:
+    """The input a node's value aliases by its op's schema: a view op's input (also for the getitems of
+    one that returns several views, like ``split``)."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        source = node.args[0]
+        return _view_base(source) if isinstance(source, fx.Node) else None
+    if getattr(node.target, "is_view", False) and node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
+
+
+def _node_facts(
+    node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, str], known: dict[fx.Node, NodeFacts]
+) -> NodeFacts:
     val = _val(node)
     tensor = None
     is_view = False
@@ -305,8 +320,15 @@ def _node_facts(node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, st
             key = _compat.StorageWeakRef(val.untyped_storage())
         except Exception:  # tensors without storage (e.g. sparse): treat as owning themselves
             key = node.name
-        is_view = key in owners and node.op == "call_function"
-        owner = owners.setdefault(key, node.name)
+        base = known.get(_view_base(node))
+        if base is not None and base.tensor is not None:
+            # A view by its schema, even where the fake values do not share storage (graph passes that
+            # re-create metadata): at run time it aliases its base, so it must never be saved beside it.
+            is_view, owner = True, base.tensor.storage_owner
+            owners.setdefault(key, owner)
+        else:
+            is_view = key in owners and node.op == "call_function"
+            owner = owners.setdefault(key, node.name)
         tensor = _tensor_facts(node, val, owner)
     kind = _classify(node, is_view, static_inputs)
     policy = node.meta.get("recompute")

@@ -24,11 +24,6 @@ from fxmem import capacity
 from fxmem.report import BACKWARD_ONLY_REASON
 from tests.helpers import build, fxmem_warnings, rel_err
 
-try:
-    from torch._inductor.utils import fresh_cache
-except ImportError:  # older name
-    from torch._inductor.utils import fresh_inductor_cache as fresh_cache
-
 # fp32 with codegen="eager": the joint graph Inductor sees, with its decompositions, run op by op; they
 # round differently from eager's fused kernels.
 EAGER_TOL = 1e-5
@@ -45,15 +40,6 @@ BATCH_SIZES = (4, 8, 12)
 # A symbolic size in a formula, as Dynamo names them (s0, s77, ...).
 SYMBOL = re.compile(r"\bs\d+\b")
 MODULES = {"gpt": models.gpt, "mlp": models.mlp}
-
-
-@pytest.fixture
-def inductor_cache(tmp_path):
-    """A fresh, empty Inductor cache: a compile served from the cache skips the partitioner, so fxmem makes
-    no plan and no report (``fxmem.inspect`` turns the caches off; see
-    ``test_inspect_with_inductor_on_a_warm_cache``)."""
-    with torch._inductor.config.patch(fx_graph_cache=True), fresh_cache(dir=str(tmp_path)):
-        yield
 
 
 def _grads(model: nn.Module) -> list[torch.Tensor]:
