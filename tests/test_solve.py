@@ -277,6 +277,34 @@ def test_smaller_budget_never_holds_more(family: str) -> None:
                     assert more >= less * (1 - 1e-6), (solver, formats)
 
 
+def narrowest_bits(plan: Plan) -> int:
+    """The tier a plan comes from: the fewest bits among its formats (8 with none)."""
+    return min((BITS[fmt] for fmt in plan.quantized.values()), default=8)
+
+
+@pytest.mark.parametrize("family", ["random20", "random60", "transformer2"])
+def test_refined_mincut_is_monotone(family: str) -> None:
+    """The refined min-cut solver on a fine sweep (steps of 1.15% of keep-all, where the local search of
+    earlier versions inverted): a smaller budget never gives a better objective nor more held bytes. Not
+    by construction (a local search), so this checks the measured behaviour; a step where the smaller
+    budget needs narrower formats is skipped, as the tier rule makes the exact solver invert there too."""
+    problem = FAMILIES[family]
+    for formats in ((), ALL_FORMATS):
+        plans = []
+        for k in range(20, 70):
+            plan = solve("mincut", with_budget(problem, fraction=1.0 - 0.0115 * k), formats)
+            if not plan.feasible:
+                break
+            plans.append(plan)
+        assert len(plans) > 20
+        for larger, smaller in zip(plans, plans[1:], strict=False):
+            if narrowest_bits(smaller) != narrowest_bits(larger):
+                continue
+            assert smaller.saved_bytes <= larger.saved_bytes, formats
+            more, less = objective_s(problem, smaller), objective_s(problem, larger)
+            assert more >= less * (1 - 1e-6), (formats, smaller.saved_bytes, larger.saved_bytes)
+
+
 @pytest.mark.parametrize("family", ["chain40", "unet", "transformer4", "random40"])
 def test_refinement_never_hurts(family: str) -> None:
     """The refined min-cut plan is never slower than the price search's at the same budget."""
@@ -310,14 +338,15 @@ def test_price_search_is_exact_at_hull_vertices(family: str) -> None:
 
 
 def parity_cases() -> list[tuple[str, float, tuple[str, ...]]]:
-    return [(f, fr, fm) for f in sorted(FAMILIES) for fr in (0.6, 0.4, 0.25, 0.1) for fm in ((), ALL_FORMATS)]
+    fractions = (0.9, 0.6, 0.4, 0.25, 0.1, 0.05)
+    return [(f, fr, fm) for f in sorted(FAMILIES) for fr in fractions for fm in ((), ALL_FORMATS)]
 
 
 def test_mincut_close_to_ilp() -> None:
-    """Measured gaps (see docs/solvers.md): the refined min-cut plan's objective (added time plus
-    precision penalty) is within 2% (plus 0.5% of the time to recompute everything) of the ILP optimum
-    on most budgets, and never better than the optimum."""
-    excess = []
+    """The refined min-cut plan's objective (added time plus precision penalty) is within 2% of the ILP
+    optimum on every budget (measured: at most 0.07% on the bench's small graphs, see docs/solvers.md),
+    and never better than it."""
+    gaps = []
     for family, fraction, formats in parity_cases():
         problem = with_budget(FAMILIES[family], fraction=fraction)
         fast, exact = solve("mincut", problem, formats), solve("ilp", problem, formats)
@@ -327,12 +356,9 @@ def test_mincut_close_to_ilp() -> None:
         eps = 1e-9 * recompute_scale(problem)
         fast_s, exact_s = objective_s(problem, fast), objective_s(problem, exact)
         assert fast_s >= exact_s * (1 - 1e-6) - eps, "the ILP is not optimal"
-        slack = 0.005 * recompute_scale(problem)
-        excess.append((fast_s - (exact_s * 1.02 + slack), family, fraction, formats))
-        assert fast_s <= exact_s * 1.3 + slack, (family, fraction, formats)
-    within = [e for e in excess if e[0] <= 0]
-    assert len(excess) > 40
-    assert len(within) >= 0.9 * len(excess), sorted(excess, reverse=True)[:5]
+        gaps.append((fast_s - exact_s * 1.02 - eps, family, fraction, formats))
+    assert len(gaps) > 70
+    assert max(gaps)[0] <= 0, sorted(gaps, reverse=True)[:5]
 
 
 def test_mincut_close_to_ilp_under_a_time_budget() -> None:
@@ -408,7 +434,9 @@ def test_plan_state_tracks_evaluate() -> None:
 
     for seed in range(20):
         problem = random_dag(30, seed=seed)
-        state = PlanState(problem, frozenset(ALL_FORMATS), _save_all(problem, problem.needed()))
+        # with a price, a move that must save a node picks its format (else full precision)
+        price = 10.0 ** (9 + seed % 5) if seed % 2 else None
+        state = PlanState(problem, frozenset(ALL_FORMATS), _save_all(problem, problem.needed()), price=price)
         rng = random.Random(seed)
         for _ in range(40):
             move = rng.choice(list(state.moves()))

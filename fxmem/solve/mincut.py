@@ -18,8 +18,8 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
-from fxmem.solve.moves import refine_bracket
 from fxmem.solve.problem import Plan, Problem, SolverNode, check_rebuildable, format_tiers, make_plan
+from fxmem.solve.refine import refine_bracket
 from fxmem.solve.registry import register_solver
 
 _SOURCE, _SINK = "__source__", "__sink__"
@@ -111,7 +111,7 @@ def solve_mincut(
 ) -> Plan:
     """Meet ``problem.budget_bytes`` with the least added time, or, with no byte budget, hold the fewest
     bytes whose added time stays within ``problem.max_added_s``. ``refine``: finish with
-    :func:`fxmem.solve.moves.refine_bracket`, which reaches budgets between two prices' plans."""
+    :func:`fxmem.solve.refine.refine_bracket`, which reaches budgets between two prices' plans."""
     started = time.perf_counter()
     bits = bits or {f: 8 for f in formats}
     needed = problem.needed()
@@ -152,9 +152,12 @@ def _search(
     if not ok(good):
         return good, good_lam
     bad = None  # the last plan past the budget: the other side of the bracket
+    met = [good]  # every plan the search meets: more starts for the refinement
     for _ in range(_ITERATIONS):
         mid = (lo + hi) / 2
         saved = cut(problem, math.exp(mid), formats, needed)
+        if saved not in met:
+            met.append(saved)
         if ok(saved):
             good, good_lam = saved, math.exp(mid)
             if by_time:
@@ -168,5 +171,6 @@ def _search(
             else:
                 hi = mid
     if refine:
-        good = refine_bracket(problem, good, bad, formats, by_time=by_time)
+        others = [saved for saved in met if saved != good and saved != bad]
+        good = refine_bracket(problem, good, bad, formats, by_time=by_time, price=good_lam, others=others)
     return good, good_lam
