@@ -247,7 +247,7 @@ def test_gpu_check_script_parses_and_rejects_unknown_arguments():
 
 
 @pytest.mark.slow
-def test_bench_inductor_rows(model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_bench_inductor_rows(model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], inductor_cache):
     plot, out = tmp_path / "pareto.png", tmp_path / "out.json"
     argv = [f"{model_file}:net", "--steps", "2", "--warmup", "1", "-q", "--plot", str(plot), "--json", str(out)]
     code, stdout = _bench([*argv, "--configs", "compile", "fxmem:memory_budget=0.25"], capsys)
