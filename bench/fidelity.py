@@ -487,8 +487,7 @@ def print_training_table(rows: list[dict], setup: dict[str, dict[str, Any]]) -> 
         target = r.get("target_pct")
         met = r.get("target_met")
         target_text = "-" if target is None or met is None else f"{'ok' if met else 'MISS'} {target:g}"
-        frac = r.get("saved_fraction")
-        frac_text = "?" if frac is None else f"{frac:.3f}" + ("*" if r.get("budget_met") is False else " ")
+        frac_text = _fraction_text(r)
         lo, hi = r.get("train_delta_pct_range", (0.0, 0.0))
         span = f"[{lo:+.2g},{hi:+.2g}]" if len(r["seeds"]) > 1 else ""
         print(
@@ -562,6 +561,12 @@ def grad_errors(labels: Sequence[str], models: Sequence[str], seed: int = 0) -> 
     return rows
 
 
+def _fraction_text(row: dict) -> str:
+    """A row's saved/default fraction, starred when its budget was not met."""
+    frac = row.get("saved_fraction")
+    return "?" if frac is None else f"{frac:.3f}" + ("*" if row.get("budget_met") is False else " ")
+
+
 def print_grad_table(rows: list[dict]) -> None:
     print("\nGradient error of one step vs eager PyTorch (all parameter gradients)")
     head = (
@@ -571,8 +576,7 @@ def print_grad_table(rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        frac = r.get("saved_fraction")
-        frac_text = "?" if frac is None else f"{frac:.3f}" + ("*" if r.get("budget_met") is False else " ")
+        frac_text = _fraction_text(r)
         print(
             f"{r['model']:12} {r['config']:8} {r['rel_error']:>10.2e} {r['cosine']:>9.6f} "
             f"{frac_text:>13} {_fmt_formats(r.get('plan')):30} "

@@ -73,7 +73,7 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Any, config_patches: dict[str
 
 def inductor_decompositions() -> dict[Any, Any]:
     """The decompositions Inductor applies before partitioning: the eager codegen applies them too, so
-    both codegens plan the same joint graph."""
+    both codegens plan the same decomposed joint graph."""
     import torch._inductor.lowering  # noqa: F401 - some decompositions (max pooling) ask the lowerings
     from torch._inductor.decomposition import select_decomp_table
 

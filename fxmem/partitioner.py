@@ -230,7 +230,7 @@ def _fit_peak(
         attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report, fraction * scale)
         if attempt.timeline.peak_bytes < best.timeline.peak_bytes:
             best = attempt
-    return attempt if attempt.timeline.peak_bytes <= budget else best
+    return best  # the last plan, when it fits: every earlier peak was above the budget
 
 
 def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> None:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxmem
-from tests.helpers import measure_saved_bytes, params_and_buffers, rel_err
+from tests.helpers import rel_err, run_step
 
 BUDGETS = (0.7, 0.4, 0.1)
 SLACK = 0.02  # the allowance over B x the default
@@ -100,11 +100,8 @@ MODELS = {"groupnorm": GroupNormConv, "encoder": Encoder, "unet": UNet, "moe": M
 def _step(name: str, backend) -> tuple[list[torch.Tensor], int]:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = MODELS[name]()
-    fn = model if backend is None else torch.compile(model, backend=backend)
-    loss, saved = measure_saved_bytes(fn, *_inputs(name), exclude=params_and_buffers(model))
-    loss.backward()
-    return [p.grad for p in model.parameters()], saved
+    _, grads, saved = run_step(MODELS[name](), _inputs(name), backend)
+    return grads, saved
 
 
 @pytest.mark.slow
