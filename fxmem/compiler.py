@@ -7,8 +7,9 @@ forward+backward graph, fxmem's partitioner splits it by its plan, and Inductor 
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,14 +61,34 @@ def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: Fxmem
 
 def _eager_decompositions() -> dict[Any, Any]:
     """Inductor's decompositions, so the eager codegen plans the joint graph Inductor would, except those
-    of random ops: these draw as in eager mode, so a seed gives eager's random numbers."""
+    of random ops (these draw as in eager mode, so a seed gives eager's random numbers) and of batch
+    norm's backward (see ``_batch_norm_backward``)."""
     table = {
         op: fn
         for op, fn in _compat.inductor_decompositions().items()
         if torch.Tag.nondeterministic_seeded not in getattr(op, "tags", ())
     }
+    batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
+    table[batch_norm_backward] = functools.partial(_batch_norm_backward, table[batch_norm_backward])
     table[torch.ops.aten.native_dropout.default] = _native_dropout
     return table
+
+
+def _batch_norm_backward(decomposed: Callable[..., Any], *args: Any) -> Any:
+    """Batch norm's backward in training, on one dtype, stays one op: it reads the same forward tensors as
+    its decomposition (but a few bytes of statistics per channel), so the plan is Inductor's, while
+    decomposing it was the largest part of a ResNet's first call. It reads the batch's statistics, not
+    the running ones (which the forward updates in place), so it is traced without them. Elsewhere (eval
+    mode, autocast's mixed dtypes): ``decomposed``, Inductor's decomposition."""
+    grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, output_mask = args
+    dtypes = {t.dtype for t in (grad_out, input, weight, save_mean, save_invstd) if t is not None}
+    if not train or len(dtypes) > 1:
+        return decomposed(*args)
+    if running_mean is None and running_var is None:
+        return NotImplemented  # make_fx traces it as is
+    return torch.ops.aten.native_batch_norm_backward.default(
+        grad_out, input, weight, None, None, save_mean, save_invstd, train, eps, output_mask
+    )
 
 
 def _native_dropout(input: torch.Tensor, p: float, train: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
