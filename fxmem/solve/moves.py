@@ -94,6 +94,9 @@ class PlanState:
         self.meter = graph.meter
         self.count = [0] * len(self.names)
         self.saved: dict[int, str | None] = {}
+        # move -> (what simulate returned, the nodes whose state it read, its work): a move's outcome
+        # holds until a move changes one of those nodes (see apply)
+        self.memo: dict[tuple[int, str | None], tuple[Any, set[int], int]] = {}
         self.bytes = 0
         self.time = 0.0
         self.penalty = 0.0
@@ -153,10 +156,28 @@ class PlanState:
     def simulate(self, move: tuple[int, str | None]) -> tuple[int, float, float, dict[int, int], dict[int, Any]] | None:
         """``(delta bytes, delta time, delta penalty, new counts, new saved entries)`` of ``move``, or
         ``None`` if it leaves a needed node that can be neither saved nor recomputed (or no longer
-        applies). Does not change the state."""
-        i, target = move
+        applies). Does not change the state. A move simulated before, on nodes no move has changed
+        since, is answered from the memo and charged the same work, so the search runs as it would
+        without the memo, only faster."""
+        known = self.memo.get(move)
+        if known is not None:
+            self.meter[0] += known[2]
+            return known[0]
         counts: dict[int, int] = {}
         changes: dict[int, Any] = {}
+        started = self.meter[0]
+        result = self._walk(move, counts, changes)
+        read = {move[0], *counts, *changes}
+        if move[1] == _SAVE_READERS:
+            read.update(self.users[move[0]])
+        self.memo[move] = (result, read, self.meter[0] - started)
+        return result
+
+    def _walk(
+        self, move: tuple[int, str | None], counts: dict[int, int], changes: dict[int, Any]
+    ) -> tuple[int, float, float, dict[int, int], dict[int, Any]] | None:
+        """``simulate``'s walk, filling ``counts`` with every node it reaches (and reads)."""
+        i, target = move
         db, dt, dp = 0, 0.0, 0.0
         count, saved, options = self.count, self.saved, self.options
         work = 3  # a call costs about three node visits on its own
@@ -264,6 +285,8 @@ class PlanState:
                 self.saved.pop(u, None)
             else:
                 self.saved[u] = fmt
+        changed = counts.keys() | changes.keys()
+        self.memo = {m: known for m, known in self.memo.items() if known[1].isdisjoint(changed)}
         return True
 
     @property
@@ -275,6 +298,7 @@ class PlanState:
         other.__dict__.update(self.__dict__)
         other.count = list(self.count)
         other.saved = dict(self.saved)
+        other.memo = dict(self.memo)
         return other
 
     def saved_names(self) -> dict[str, str | None]:
