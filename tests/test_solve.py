@@ -331,7 +331,7 @@ def test_price_search_is_exact_at_hull_vertices(family: str) -> None:
     problem = FAMILIES[family]
     needed = problem.needed()
     for lam in (1e9, 1e10, 1e11, 1e12, 1e13):
-        saved = mincut_mod.cut(problem, lam, frozenset(), needed)
+        saved = mincut_mod.CutGraph(problem, frozenset(), needed).cut(lam)
         _, held, added = evaluate(problem, saved)
         exact = solve("ilp", with_budget(problem, budget_bytes=held))
         assert exact.added_s == pytest.approx(added, rel=1e-6, abs=1e-12 * recompute_scale(problem))

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
-from fxmem.solve.problem import Plan, Problem, SolverNode, check_rebuildable, format_tiers, make_plan
+from fxmem.solve.problem import Plan, Problem, check_rebuildable, format_tiers, make_plan
 from fxmem.solve.refine import refine_bracket
 from fxmem.solve.registry import register_solver
 
@@ -31,78 +31,87 @@ _CAP_LIMIT = 2**29
 _CAP_INF = 2**30
 
 
-def _save_capacity(node: SolverNode, lam: float, formats: frozenset[str]) -> tuple[float, str | None]:
-    best, best_fmt = float(node.save_bytes), None
-    for option in node.quant_options:
-        if option.fmt in formats:
-            cost = option.stored_bytes + lam * (option.added_s + option.penalty_s)
-            if cost < best:
-                best, best_fmt = cost, option.fmt
-    return best, best_fmt
+class CutGraph:
+    """The flow graph of one problem over the nodes the backward may need, for one tier of formats.
+    Its edges do not depend on the price; :meth:`cut` sets the capacities for one and cuts (scipy's
+    max-flow, C code: fast enough for a few dozen cuts on a GPT-2 joint graph in about a second)."""
 
+    def __init__(self, problem: Problem, formats: frozenset[str], needed: set[str]) -> None:
+        check_rebuildable(problem, needed)
+        index: dict[object, int] = {_SOURCE: 0, _SINK: 1}
+        pairs: dict[tuple[int, int], None] = {}
+        save_edges, recompute_edges, recompute_s = [], [], []
+        stored, seconds, fmts = [], [], []  # per savable node: full precision, then each admitted format
+        self.savable: list[tuple[str, int, int]] = []  # (name, in vertex, out vertex)
 
-class _FlowGraph:
-    """A directed graph with integer capacities, cut by scipy's max-flow (C code: fast enough to run a
-    few dozen cuts on a GPT-2 joint graph in about a second)."""
+        def edge(u: object, v: object) -> int | None:
+            pair = (index.setdefault(u, len(index)), index.setdefault(v, len(index)))
+            if pair in pairs:
+                return None  # only a node's edge from an input it reads twice repeats: infinite both times
+            pairs[pair] = None
+            return len(pairs) - 1
 
-    def __init__(self) -> None:
-        self.index: dict[object, int] = {_SOURCE: 0, _SINK: 1}
-        self.edges: dict[tuple[int, int], float] = {}
+        for node in problem.nodes:
+            if node.name not in needed:
+                continue
+            v_in, v_out = (node.name, "in"), (node.name, "out")
+            position = edge(v_in, v_out)
+            if node.can_save:
+                save_edges.append(position)
+                self.savable.append((node.name, index[v_in], index[v_out]))
+                options = [o for o in node.quant_options if o.fmt in formats]
+                stored.append([float(node.save_bytes)] + [o.stored_bytes for o in options])
+                seconds.append([0.0] + [o.added_s + o.penalty_s for o in options])
+                fmts.append([None] + [o.fmt for o in options])
+            if not node.can_recompute:
+                edge(_SOURCE, v_in)
+            elif node.recompute_s > 0:
+                recompute_edges.append(edge(_SOURCE, v_in))
+                recompute_s.append(node.recompute_s)
+            if node.required:
+                edge(v_out, _SINK)
+            for name in node.inputs:
+                edge((name, "out"), v_in)
+        width = max((len(row) for row in stored), default=1)
+        self.stored = np.array([row + [math.inf] * (width - len(row)) for row in stored]).reshape(-1, width)
+        self.seconds = np.array([row + [0.0] * (width - len(row)) for row in seconds]).reshape(-1, width)
+        self.fmts = fmts
+        self.save_edges = np.array(save_edges, dtype=np.int64)
+        self.recompute_edges = np.array(recompute_edges, dtype=np.int64)
+        self.recompute_s = np.array(recompute_s)
+        self.n_edges, self.n_vertices = len(pairs), len(index)
+        ends = np.array(list(pairs), dtype=np.int64).reshape(-1, 2)
+        # The matrix's layout is fixed; each cut writes capacities into it in edge order via ``order``.
+        self.matrix = sparse.csr_matrix(
+            (np.arange(1, len(pairs) + 1, dtype=np.int32), (ends[:, 0], ends[:, 1])),
+            shape=(len(index), len(index)),
+        )
+        self.matrix.sort_indices()
+        self.order = self.matrix.data - 1
 
-    def vertex(self, key: object) -> int:
-        return self.index.setdefault(key, len(self.index))
-
-    def add_edge(self, u: object, v: object, capacity: float = math.inf) -> None:
-        edge = (self.vertex(u), self.vertex(v))
-        self.edges[edge] = capacity if edge not in self.edges else max(capacity, self.edges[edge])
-
-    def source_side(self) -> set[object]:
-        n = len(self.index)
-        pairs = np.array(list(self.edges), dtype=np.int64).reshape(-1, 2)
-        caps = np.array(list(self.edges.values()), dtype=np.float64)
+    def cut(self, lam: float) -> dict[str, str | None]:
+        """The saved set (with formats) minimising held bytes + ``lam`` * added seconds."""
+        costs = self.stored + lam * self.seconds
+        best = costs.argmin(axis=1)  # the first of equal costs: full precision, then the wider format
+        caps = np.full(self.n_edges, math.inf)
+        caps[self.save_edges] = costs[np.arange(len(best)), best]
+        caps[self.recompute_edges] = lam * self.recompute_s
         finite = np.isfinite(caps)
         scale = _CAP_LIMIT / max(1.0, caps[finite].sum())
         ints = np.where(finite, np.floor(caps * scale), _CAP_INF).astype(np.int32)
-        matrix = sparse.csr_matrix((ints, (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-        matrix.sort_indices()
-        result = maximum_flow(matrix, 0, 1)
-        flow = result.flow.tocsr()
+        matrix = self.matrix.copy()
+        matrix.data = ints[self.order]
+        flow = maximum_flow(matrix, 0, 1).flow.tocsr()
         residual = (matrix - flow).tocsr()
         residual.data = np.where(residual.data > 0, 1, 0)
         residual.eliminate_zeros()
-        reached = breadth_first_order(residual, 0, directed=True, return_predecessors=False)
-        keys = list(self.index)
-        return {keys[i] for i in reached}
-
-
-def cut(problem: Problem, lam: float, formats: frozenset[str], needed: set[str]) -> dict[str, str | None]:
-    """The saved set (with formats) minimising held bytes + ``lam`` * added seconds."""
-    check_rebuildable(problem, needed)
-    graph = _FlowGraph()
-    chosen_fmt: dict[str, str | None] = {}
-    for node in problem.nodes:
-        if node.name not in needed:
-            continue
-        v_in, v_out = (node.name, "in"), (node.name, "out")
-        if node.can_save:
-            capacity, chosen_fmt[node.name] = _save_capacity(node, lam, formats)
-            graph.add_edge(v_in, v_out, capacity)
-        else:
-            graph.add_edge(v_in, v_out)
-        if not node.can_recompute:
-            graph.add_edge(_SOURCE, v_in)
-        elif node.recompute_s > 0:
-            graph.add_edge(_SOURCE, v_in, lam * node.recompute_s)
-        if node.required:
-            graph.add_edge(v_out, _SINK)
-        for name in node.inputs:
-            graph.add_edge((name, "out"), v_in)
-    source_side = graph.source_side()
-    return {
-        name: fmt
-        for name, fmt in chosen_fmt.items()
-        if (name, "in") in source_side and (name, "out") not in source_side
-    }
+        reached = np.zeros(self.n_vertices, dtype=bool)
+        reached[breadth_first_order(residual, 0, directed=True, return_predecessors=False)] = True
+        return {
+            name: self.fmts[k][best[k]]
+            for k, (name, v_in, v_out) in enumerate(self.savable)
+            if reached[v_in] and not reached[v_out]
+        }
 
 
 @register_solver("mincut")
@@ -148,14 +157,15 @@ def _search(
     lo, hi = math.log(_LAM_LO), math.log(_LAM_HI)
     # by_time: ok(hi) holds, find the smallest ok; by bytes: ok(lo) should hold, find the largest ok.
     good_lam = _LAM_HI if by_time else _LAM_LO
-    good = cut(problem, good_lam, formats, needed)
+    graph = CutGraph(problem, formats, needed)
+    good = graph.cut(good_lam)
     if not ok(good):
         return good, good_lam
     bad = None  # the last plan past the budget: the other side of the bracket
     met = [good]  # every plan the search meets: more starts for the refinement
     for _ in range(_ITERATIONS):
         mid = (lo + hi) / 2
-        saved = cut(problem, math.exp(mid), formats, needed)
+        saved = graph.cut(math.exp(mid))
         if saved not in met:
             met.append(saved)
         if ok(saved):
