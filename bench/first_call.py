@@ -10,7 +10,8 @@ one forward and backward. Three ways, each with the same fractional budget and n
 * ``fxmem``: ``fxmem.backend(memory_budget=B, codegen="eager", quantize="none")``.
 
 Every backend first compiles a throwaway model, so one-time imports are not charged to the first row.
-Times are the median of ``--repeats`` first calls (a fresh model and ``torch._dynamo.reset()`` each).
+Times are the median of ``--repeats`` first calls (a fresh model, ``torch._dynamo.reset()`` and a full
+garbage collection before each).
 
     python bench/first_call.py                         # bundled tiny models and gpt small (a minute or two)
     python bench/first_call.py --models gpt:small --budgets 0.4 --json out.json
@@ -19,6 +20,7 @@ Times are the median of ``--repeats`` first calls (a fresh model and ``torch._dy
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import statistics
@@ -49,6 +51,7 @@ def first_call_s(build: Callable[[], tuple[torch.nn.Module, tuple]], system: str
     torch._dynamo.reset()
     model, inputs = build()
     backend, torch_budget = _backend(system, budget)
+    gc.collect()  # each first call starts from a collected heap, so when collections fall is not luck
     with torch._functorch.config.patch(activation_memory_budget=torch_budget):
         started = time.perf_counter()
         torch.compile(model, backend=backend)(*inputs).backward()

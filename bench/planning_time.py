@@ -8,7 +8,8 @@ codegen and Inductor see it) and both partitioners then split private copies of 
 * ``fxmem``: fxmem's whole partition pass (PyTorch's min-cut for the reference, then capture, cost,
   solve, rewrite and simulate), planning for the ``--device`` profile, ``quantize="none"``.
 
-Times are the median of ``--repeats`` runs per budget.
+Times are the median of ``--repeats`` runs per budget, each after a full garbage collection and with lazy
+graph modules, as inside ``torch.compile``.
 
     python bench/planning_time.py                                  # GPT-2 small, 8x1024 (about a minute)
     python bench/planning_time.py --model gpt:tiny --budgets 0.5
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib
 import json
 import statistics
@@ -70,8 +72,10 @@ def _fxmem_partition(partitioner: FxmemPartitioner, gm: Any, joint_inputs: list,
 def _median_s(repeats: int, fn: Callable[..., None], *args: Any) -> float:
     times = []
     for _ in range(repeats):
+        gc.collect()  # each run starts from a collected heap, so when collections fall is not luck
         started = time.perf_counter()
-        fn(*args)
+        with _compat.lazy_graph_modules():  # as inside torch.compile: modules generate code only when run
+            fn(*args)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 

@@ -27,6 +27,7 @@ from torch._functorch.partitioners import (
 from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import is_sym_node, make_fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -147,6 +148,19 @@ def extract_fwd_bwd_modules(
     if "saved_opaque_nodes" in _EXTRACT_PARAMS:
         kwargs["saved_opaque_nodes"] = []
     return _partitioners._extract_fwd_bwd_modules(joint_module, saved_values, **kwargs)
+
+
+@contextlib.contextmanager
+def lazy_graph_modules() -> Iterator[None]:
+    """Graph modules made inside generate their Python code only when first run or read, as within
+    ``torch.compile`` (where Dynamo turns this on)."""
+    with _use_lazy_graph_module(True):
+        yield
+
+
+def generate_code(gm: fx.GraphModule) -> None:
+    """Generate a lazy graph module's code now (a no-op for others), so its ``forward`` is the real one."""
+    _LazyGraphModule.force_recompile(gm)
 
 
 def symbolic_expr(value: Any) -> Any:

@@ -69,9 +69,11 @@ class FxmemPartitioner(_compat.CustomPartitionerFn):
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy, of the same class: within ``torch.compile`` a lazy graph module, which generates its
+    code only if run (the copies never are)."""
     with warnings.catch_warnings():  # deep-copying the output's pytree spec warns on some torch versions
         warnings.simplefilter("ignore", FutureWarning)
-        return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        return copy.deepcopy(gm)
 
 
 def reference_plan(
