@@ -5,6 +5,9 @@
 #
 #   bash bench/gpu_check.sh          # CUDA: gpt2_small + resnet18, bf16 autocast
 #   bash bench/gpu_check.sh --cpu    # the same flow on tiny presets in fp32, for a machine without a GPU
+#   bash bench/gpu_check.sh --sweep  # GPU-only tests, then an absolute-budget sweep on gpt small (about
+#                                    # 4 minutes): every fitting plan's measured peak under its budget,
+#                                    # predicted against measured peak (python -m fxmem.bench.sweep)
 #
 # Environment: OUT (results folder), PYTHON (default python3), RESNET (resnet18 | resnet50 | tiny ...),
 # JOBS (configurations compiling at once, default 3 on GPU), GPT_BUDGET_S / RESNET_BUDGET_S (seconds).
@@ -38,8 +41,10 @@ elif [ -z "${1:-}" ]; then
     RESNET_CONFIGS=(compile
         'fxmem:{"memory_budget": "550MiB", "quantize": "auto", "on_infeasible": "best_effort"}'
         eager fxmem compile:budget=0.5 'fxmem:{"memory_budget": 0.25, "quantize": "int8"}' checkpoint)
+elif [ "${1:-}" = "--sweep" ]; then
+    MODE=sweep DEVICE=cuda DTYPE=bfloat16 JOBS=${JOBS:-3}
 else
-    echo "usage: bash bench/gpu_check.sh [--cpu]" >&2
+    echo "usage: bash bench/gpu_check.sh [--cpu | --sweep]" >&2
     exit 2
 fi
 
@@ -47,7 +52,7 @@ mkdir -p "$OUT"
 TORCH=$($PY -c 'import torch; print(torch.__version__)' 2>/dev/null) \
     || { echo "$PY cannot import torch; point PYTHON at an interpreter that can" >&2; exit 1; }
 echo "== fxmem check ($MODE): torch $TORCH, $PY, out=$OUT"
-if [ "$MODE" = gpu ]; then
+if [ "$MODE" != cpu ]; then
     $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
         || { echo "CUDA is not available; use --cpu" >&2; exit 1; }
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
@@ -67,6 +72,17 @@ else
         124) echo "== gpu tests: TIMED OUT after 90 s (log: $OUT/gpu_tests.log)" ;;
         *) echo "== gpu tests: FAILED (status $status)"; tail -n 25 "$OUT/gpu_tests.log" ;;
     esac
+fi
+
+# 2. (--sweep) The absolute-budget sweep, then stop.
+if [ "$MODE" = sweep ]; then
+    echo "== sweep: models/gpt.py:small ($DEVICE, $DTYPE), 5 absolute budgets"
+    timeout 420 $PY -m fxmem.bench.sweep models/gpt.py:small --device "$DEVICE" --dtype "$DTYPE" --points 5 \
+        --jobs "$JOBS" --time-budget 180 --json "$OUT/sweep.json" >"$OUT/sweep.txt" 2>"$OUT/sweep.log"
+    echo "   status $? after $(($(date +%s) - START)) s; log: $OUT/sweep.log"
+    echo
+    cat "$OUT/sweep.txt"
+    exit 0
 fi
 
 # 2. The matrices, each under a time budget; progress goes to a log, the last lines are shown.

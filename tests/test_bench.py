@@ -257,3 +257,38 @@ def test_bench_inductor_rows(model_file: Path, tmp_path: Path, capsys: pytest.Ca
     assert fxmem["predicted_saved_bytes"] == fxmem["saved_bytes"]
     pytest.importorskip("matplotlib")
     assert plot.stat().st_size > 0
+
+
+# --- the absolute-budget sweep ------------------------------------------------------------------------------
+
+
+def test_sweep_budgets_span_the_predicted_peaks() -> None:
+    from fxmem.bench.sweep import sweep_budgets
+
+    assert sweep_budgets(1000, 600, 5) == [1000, 900, 800, 700, 600]
+    assert sweep_budgets(600, 1000, 3) == [1000, 800, 600]  # either order
+    assert sweep_budgets(1000, 600, 1) == [800]
+    with pytest.raises(ValueError, match="points"):
+        sweep_budgets(1000, 600, 0)
+
+
+def test_sweep_verdicts() -> None:
+    from fxmem.bench.sweep import MIB, check_sweep, format_verdicts
+
+    def row(budget, predicted, measured, error=None):
+        return {"budget": budget * MIB, "predicted_peak_bytes": predicted * MIB, "peak_bytes": measured * MIB,
+                "error": error}  # fmt: skip
+
+    verdicts, failures = check_sweep([row(80, 79, 78), row(100, 95, 97), row(60, 70, 69)])
+    assert [v["verdict"] for v in verdicts] == ["MET", "MET", "infeasible (best effort)"]
+    assert verdicts[0]["error"] == pytest.approx(-2 / 97)
+    assert failures == []
+    assert "outside" not in format_verdicts(verdicts)
+
+    _, failures = check_sweep([row(100, 95, 101), row(80, 79, 78)])
+    assert failures == ["100 MiB: measured peak 101 MiB is over it"]
+    _, failures = check_sweep([row(100, 90, 80), row(80, 79, 79.5), row(60, 59, 85)])
+    assert len(failures) == 2 and "over it" in failures[0] and failures[1].startswith("not monotonic")
+    verdicts, failures = check_sweep([row(100, 90, 80, error="RuntimeError: boom\ntrace")])
+    assert verdicts[0]["verdict"] == "error: RuntimeError: boom" and len(failures) == 1
+    assert "(outside ±5%)" in format_verdicts(check_sweep([row(100, 90, 80)])[0])
