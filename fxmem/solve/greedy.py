@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 
-from fxmem.solve.moves import PlanState, _Goal
+from fxmem.solve.moves import Goal, PlanState
 from fxmem.solve.problem import Plan, Problem, check_rebuildable, format_tiers, make_plan
 from fxmem.solve.registry import register_solver
 
@@ -50,7 +50,7 @@ def solve_greedy(problem: Problem, formats: tuple[str, ...] = (), bits: dict[str
         state = PlanState(problem, tiers[0], start)
         _fill_time(state, problem.max_added_s)
         return make_plan(problem, state.saved_names(), solver="greedy", solve_time_s=time.perf_counter() - started)
-    goal = _Goal(False, problem.budget_bytes)
+    goal = Goal(False, problem.budget_bytes)
     plan = None
     for tier in tiers:
         state = PlanState(problem, tier, start)

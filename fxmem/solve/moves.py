@@ -22,7 +22,7 @@ _DROP_SAVING = "__recompute_saving_inputs__"
 # "save each recomputed node that reads it, so that nothing reaches it": two saves that together stop
 # recomputing an expensive input each gain little alone
 _SAVE_READERS = "__save_readers__"
-_REMOVED = object()
+REMOVED = object()  # in a move's changes: the node is no longer saved
 
 
 class _Graph:
@@ -205,7 +205,7 @@ class PlanState:
             db -= b0
             dt += self.recompute_s[i] - t0
             dp -= p0
-            changes[i] = _REMOVED
+            changes[i] = REMOVED
             stack = []
             for u in self.inputs[i]:
                 if target == _DROP_SAVING and count[u] <= 0 and options[u]:
@@ -261,7 +261,7 @@ class PlanState:
                     dt -= t0
                     dp -= p0
                     if u in saved:
-                        changes[u] = _REMOVED
+                        changes[u] = REMOVED
                     else:
                         del changes[u]
                 else:
@@ -281,7 +281,7 @@ class PlanState:
         for u, c in counts.items():
             self.count[u] = c
         for u, fmt in changes.items():
-            if fmt is _REMOVED:
+            if fmt is REMOVED:
                 self.saved.pop(u, None)
             else:
                 self.saved[u] = fmt
@@ -310,7 +310,7 @@ class PlanState:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _Goal:
+class Goal:
     """``by_time``: minimise bytes with added time <= ``limit``; else minimise time with bytes <= ``limit``.
     The objective's time includes the precision penalty; the time limit does not."""
 
@@ -338,7 +338,3 @@ class _Goal:
     def cost(self, db: float, dt: float) -> float:
         """How much of the limit it uses (negative frees some)."""
         return dt if self.by_time else db
-
-
-def _ratio(num: float, den: float) -> float:
-    return num / den if den > 0 else math.inf

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fxmem.solve.moves import _REMOVED, PlanState, _Goal, _ratio
+from fxmem.solve.moves import REMOVED, Goal, PlanState
 from fxmem.solve.problem import Problem
 
 # Search effort, in node visits (a visit is 0.4 to 1 µs of Python): per node the backward may need, and
@@ -49,7 +49,7 @@ def _simulated(state: PlanState, skip: int = -1) -> list[tuple[Move, int, float,
     return out
 
 
-def local_search(state: PlanState, goal: _Goal, *, work: int = DEFAULT_WORK, depth: int = 1) -> PlanState:
+def local_search(state: PlanState, goal: Goal, *, work: int = DEFAULT_WORK, depth: int = 1) -> PlanState:
     """Improve a plan that fits ``goal``: each round applies the best single move that still fits (or,
     if better, the moves that fit together at the most gain), else (``depth`` > 0) the best compound
     move (see :func:`_compound`) followed by a search of depth ``depth - 1``. Stops at a local optimum
@@ -81,7 +81,7 @@ def local_search(state: PlanState, goal: _Goal, *, work: int = DEFAULT_WORK, dep
     return state
 
 
-def _fill(state: PlanState, goal: _Goal, moves: list[tuple[Move, int, float, float]]) -> PlanState | None:
+def _fill(state: PlanState, goal: Goal, moves: list[tuple[Move, int, float, float]]) -> PlanState | None:
     """The buying moves that fit together at the most gain (a knapsack), applied where each still fits
     and gains; ``None`` when that is a single move."""
     slack = goal.limit - goal.cost(state.bytes, state.time)
@@ -100,7 +100,7 @@ def _fill(state: PlanState, goal: _Goal, moves: list[tuple[Move, int, float, flo
     return trial
 
 
-def _apply_fitting(state: PlanState, goal: _Goal, moves: Sequence[Move]) -> None:
+def _apply_fitting(state: PlanState, goal: Goal, moves: Sequence[Move]) -> None:
     """Apply each of ``moves`` that still gains and fits (earlier ones may have changed it)."""
     for move in moves:
         result = state.simulate(move)
@@ -111,7 +111,7 @@ def _apply_fitting(state: PlanState, goal: _Goal, moves: Sequence[Move]) -> None
 
 
 def _compound(
-    state: PlanState, goal: _Goal, moves: list[tuple[Move, int, float, float]], stop_at: float, depth: int
+    state: PlanState, goal: Goal, moves: list[tuple[Move, int, float, float]], stop_at: float, depth: int
 ) -> PlanState | None:
     """The best plan a compound move reaches, if better than ``state``: either one buying move (too big
     to fit) and the freeing moves that pay for it at the least loss, or one freeing move and the buying
@@ -156,7 +156,7 @@ def _compound(
 
 def _settle(
     state: PlanState,
-    goal: _Goal,
+    goal: Goal,
     *,
     keep: int = -1,
     stop_at: float = math.inf,
@@ -278,7 +278,7 @@ def refine_bracket(
     in node visits (default: ``_WORK_PER_NODE`` per needed node, at most ``DEFAULT_WORK``)."""
     if work is None:
         work = min(DEFAULT_WORK, _WORK_PER_NODE * len(problem.needed()))
-    goal = _Goal(by_time, problem.max_added_s if by_time else problem.budget_bytes)
+    goal = Goal(by_time, problem.max_added_s if by_time else problem.budget_bytes)
     state = PlanState(problem, formats, feasible, price=price)
     if not goal.fits_state(state):
         return dict(feasible)
@@ -307,13 +307,13 @@ def refine_bracket(
 
 
 def _bracket_path(
-    problem: Problem, start: PlanState, end: PlanState, goal: _Goal, formats: frozenset[str], work: int
+    problem: Problem, start: PlanState, end: PlanState, goal: Goal, formats: frozenset[str], work: int
 ) -> PlanState:
     """Group the nodes whose decisions differ between ``start`` and ``end`` into connected groups; move
     them one group at a time from ``start`` to ``end``, best ratio first, and also move all but the
     groups a knapsack picks as the cheapest to leave behind; return the best plan that fits."""
     a, z = start.saved_names(), end.saved_names()
-    differ = [n.name for n in problem.nodes if a.get(n.name, _REMOVED) != z.get(n.name, _REMOVED)]
+    differ = [n.name for n in problem.nodes if a.get(n.name, REMOVED) != z.get(n.name, REMOVED)]
     if not differ:
         return start
     parent = {v: v for v in differ}
@@ -362,7 +362,7 @@ def _bracket_path(
             (b0, t0, p0), (b1, t1, p1) = own(start, i), own(end, i)
             db, dt, dp = db + b1 - b0, dt + t1 - t0, dp + p1 - p0
         gain, cost = goal.gain(db, dt, dp), goal.cost(db, dt)
-        ranked.append((-_ratio(gain, cost) if gain > 0 else math.inf, k, group, gain, cost))
+        ranked.append((-(gain / cost if cost > 0 else math.inf) if gain > 0 else math.inf, k, group, gain, cost))
     ranked.sort(key=lambda r: (r[0], r[1]))
     best, best_key = start, goal.key_of(start)
 
