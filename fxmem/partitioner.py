@@ -115,6 +115,7 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+@_collector_paused()
 def partition(
     gm: fx.GraphModule,
     joint_inputs: Sequence[object],
@@ -124,18 +125,6 @@ def partition(
     static_lifetime_input_indices: Sequence[int] | None = None,
     on_report: Callable[[GraphReport], None] | None = None,
     **kwargs: Any,
-) -> tuple[fx.GraphModule, fx.GraphModule]:
-    with _collector_paused():
-        return _partition(gm, joint_inputs, config, num_fwd_outputs, static_lifetime_input_indices, on_report)
-
-
-def _partition(
-    gm: fx.GraphModule,
-    joint_inputs: Sequence[object],
-    config: FxmemConfig,
-    num_fwd_outputs: int,
-    static_lifetime_input_indices: Sequence[int] | None,
-    on_report: Callable[[GraphReport], None] | None,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     graph_id = next(_graph_ids)
     static = list(static_lifetime_input_indices or [])

@@ -12,7 +12,7 @@ from typing import Any
 
 from fxmem.bench.matrix import SYSTEMS
 
-__all__ = ["format_table", "load_results", "machine_info", "memory_metric", "sort_rows", "write_results"]
+__all__ = ["format_table", "load_results", "machine_info", "memory_metric", "mib_text", "sort_rows", "write_results"]
 
 MIB = 2**20
 
@@ -45,7 +45,8 @@ def memory_metric(rows: Sequence[dict[str, Any]]) -> str:
     return "peak_bytes" if any(r.get("peak_bytes") is not None for r in rows) else "saved_bytes"
 
 
-def _mib(value: Any) -> str:
+def mib_text(value: Any) -> str:
+    """Bytes as MiB for a table ("-" for none)."""
     return "-" if value is None else f"{value / MIB:.2f}" if value < 100 * MIB else f"{value / MIB:.0f}"
 
 
@@ -89,10 +90,10 @@ def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False, rema
                 _num(r.get("step_ms"), 2),
                 spread,
                 _num(r.get("compile_s"), 1),
-                _mib(r.get("saved_bytes")),
-                _mib(r.get("predicted_saved_bytes")),
-                _mib(r.get("peak_bytes")),
-                _mib(r.get("predicted_peak_bytes")),
+                mib_text(r.get("saved_bytes")),
+                mib_text(r.get("predicted_saved_bytes")),
+                mib_text(r.get("peak_bytes")),
+                mib_text(r.get("predicted_peak_bytes")),
                 _num(r.get("loss"), 4),
                 "-" if r.get("grad_error") is None else f"{r['grad_error']:.1e}",
                 _remark(r, remark_width),

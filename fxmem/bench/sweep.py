@@ -26,8 +26,8 @@ from typing import Any
 
 from fxmem.bench.launch import resolve_spec, run_matrix
 from fxmem.bench.matrix import BenchConfig
+from fxmem.bench.results import MIB, mib_text
 
-MIB = 2**20
 SMALLEST = "1KiB"  # below any plan: the smallest plan fxmem finds, run best effort
 PEAK_TOLERANCE = 0.05  # the prediction's aim, relative to the measured peak
 
@@ -81,15 +81,12 @@ def check_sweep(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
 
 
 def format_verdicts(verdicts: Sequence[dict[str, Any]]) -> str:
-    def mib(value: int | None) -> str:
-        return "-" if value is None else f"{value / MIB:.1f}"
-
     lines = [f"{'budget MiB':>10s} {'predicted':>10s} {'measured':>10s} {'pred err':>9s}  verdict"]
     for v in verdicts:
         error = "-" if v["error"] is None else f"{v['error'] * 100:+.1f}%"
         flag = "" if v["error"] is None or abs(v["error"]) <= PEAK_TOLERANCE else "  (outside ±5%)"
         lines.append(
-            f"{mib(v['budget']):>10s} {mib(v['predicted']):>10s} {mib(v['measured']):>10s} {error:>9s}  "
+            f"{mib_text(v['budget']):>10s} {mib_text(v['predicted']):>10s} {mib_text(v['measured']):>10s} {error:>9s}  "
             f"{v['verdict']}{flag}"
         )
     return "\n".join(lines)
