@@ -76,29 +76,40 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
         return copy.deepcopy(gm)
 
 
+@dataclass
+class Reference:
+    """torch.compile's default partition of a joint graph: its forward and backward (fxmem's fallback),
+    what they save in bytes (parameters excluded) and their simulated memory timeline. ``error`` is why
+    PyTorch's partitioner failed, if it did."""
+
+    fw: fx.GraphModule | None = None
+    bw: fx.GraphModule | None = None
+    saved_bytes: int | None = None
+    timeline: Timeline | None = None
+    error: Exception | None = None
+
+
 def reference_plan(
     gm: fx.GraphModule,
     joint_inputs: Sequence[object],
     num_fwd_outputs: int,
-    static_indices: Sequence[int],
+    static_indices: list[int],
     codegen: str,
-) -> tuple[int, Timeline] | None:
-    """What torch.compile's default partitioner would save, in bytes (parameters excluded), and its
-    simulated memory timeline."""
-    try:
-        fw, bw = _compat.min_cut_rematerialization_partition(
-            _copy(gm),
-            joint_inputs,
-            compiler="inductor",
-            num_fwd_outputs=num_fwd_outputs,
-            static_lifetime_input_indices=list(static_indices),
-        )
-    except Exception as err:  # the reference is advisory; planning goes on without it
-        log.info("fxmem: could not compute the default partitioner's plan: %s", err)
-        return None
+) -> Reference:
+    """PyTorch's default partition of ``gm``, which it consumes (it rewrites the graph it is given)."""
+    reference = Reference()
     static = static_vals(gm, static_indices)
-    saved = predicted_saved_bytes(fw, num_fwd_outputs, static, codegen=codegen)
-    return saved, simulate(fw, bw, num_fwd_outputs, static, fused=codegen == "inductor")
+    try:
+        reference.fw, reference.bw = _compat.min_cut_rematerialization_partition(
+            gm, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=static_indices,
+        )  # fmt: skip
+        reference.saved_bytes = predicted_saved_bytes(reference.fw, num_fwd_outputs, static, codegen=codegen)
+        reference.timeline = simulate(reference.fw, reference.bw, num_fwd_outputs, static, fused=codegen == "inductor")
+    except Exception as err:  # the reference is advisory: planning goes on without it
+        log.info("fxmem: could not compute the default partitioner's plan: %s", err)
+        reference.error = err
+    return reference
 
 
 @contextlib.contextmanager
@@ -130,30 +141,37 @@ def partition(
     static = list(static_lifetime_input_indices or [])
     report = GraphReport(graph_id=graph_id, options=config.as_dict())
     started = time.perf_counter()
-    reference_result = reference_plan(gm, joint_inputs, num_fwd_outputs, static, config.codegen)
     reference = None
-    if reference_result is not None:
-        reference, report.reference_timeline = reference_result
-    report.add_pass("reference", started, f"torch.compile's default saves {reference} bytes")
-    report.reference_saved_bytes = reference
     try:
-        fw, bw = _plan_and_split(gm, num_fwd_outputs, static, config, reference, report)
+        own = _copy(gm)  # fxmem plans on a copy: PyTorch's partitioner consumes gm for the reference
+        reference = _recorded_reference(report, gm, joint_inputs, num_fwd_outputs, static, config.codegen)
+        fw, bw = _plan_and_split(own, num_fwd_outputs, static, config, reference.saved_bytes, report)
     except InfeasibleBudget:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of fxmem's own must not cost the user a compile
         reason = f"{type(err).__name__}: {err}" if not isinstance(err, UnsupportedGraph) else str(err)
         log.warning("fxmem: graph %d falls back to PyTorch's partitioner: %s", graph_id, reason)
         report.fallback_reason = reason
-        fw, bw = _compat.min_cut_rematerialization_partition(
-            gm, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
-            static_lifetime_input_indices=static,
-        )  # fmt: skip
-        report.predicted_saved_bytes = predicted_saved_bytes(
-            fw, num_fwd_outputs, static_vals(gm, static), codegen=config.codegen
-        )
+        if reference is None:  # the copy failed, so gm is untouched
+            reference = _recorded_reference(report, gm, joint_inputs, num_fwd_outputs, static, config.codegen)
+        if reference.fw is None or reference.bw is None:  # PyTorch's own partitioner fails on this graph too
+            raise reference.error from err
+        fw, bw = reference.fw, reference.bw
+        report.predicted_saved_bytes = reference.saved_bytes
     report.partition_time_s = time.perf_counter() - started
     record_report(report, on_report)
     return fw, bw
+
+
+def _recorded_reference(
+    report: GraphReport, gm: fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
+    static: list[int], codegen: str,
+) -> Reference:  # fmt: skip
+    started = time.perf_counter()
+    reference = reference_plan(gm, joint_inputs, num_fwd_outputs, static, codegen)
+    report.reference_saved_bytes, report.reference_timeline = reference.saved_bytes, reference.timeline
+    report.add_pass("reference", started, f"torch.compile's default saves {reference.saved_bytes} bytes")
+    return reference
 
 
 @dataclass
@@ -170,8 +188,7 @@ def _attempt(
     gm: fx.GraphModule, num_fwd_outputs: int, static: list[int], config: FxmemConfig, reference: int | None,
     report: GraphReport, saved_budget: float | None = None,
 ) -> _Attempt:  # fmt: skip
-    """Plan and split a private copy of ``gm``; ``saved_budget`` overrides the bytes the plan may hold."""
-    gm = _copy(gm)
+    """Plan and split ``gm``, which this rewrites; ``saved_budget`` overrides the bytes the plan may hold."""
     t = time.perf_counter()
     _compat.force_save(gm)
     joint = capture(gm, num_fwd_outputs, static)
@@ -211,6 +228,7 @@ def _plan_and_split(
     reference: int | None,
     report: GraphReport,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """fxmem's forward and backward for ``gm``, a private copy of the joint graph (it is rewritten)."""
     budget = config.memory_budget
     if isinstance(budget, int):
         attempt = _fit_peak(gm, num_fwd_outputs, static, config, reference, report, budget)
@@ -241,12 +259,12 @@ def _fit_peak(
     bytes in an order no budget changes, and take the first whose peak fits: the least added time among
     them, and a smaller budget can only move the choice later in the order, to a plan whose peak is no
     larger. None fits: the lowest peak."""
-    best = attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report, _PEAK_LADDER[0])
+    best = attempt = _attempt(_copy(gm), num_fwd_outputs, static, config, reference, report, _PEAK_LADDER[0])
     scale = reference or attempt.plan.saved_bytes
     for fraction in _PEAK_LADDER[1:]:
         if attempt.timeline.peak_bytes <= budget:
             return attempt
-        attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report, fraction * scale)
+        attempt = _attempt(_copy(gm), num_fwd_outputs, static, config, reference, report, fraction * scale)
         if attempt.timeline.peak_bytes < best.timeline.peak_bytes:
             best = attempt
     return best  # the last plan, when it fits: every earlier peak was above the budget

@@ -341,11 +341,15 @@ def test_inference_is_not_partitioned(case):
     assert fxmem.reports() == []
 
 
-def test_fallback_on_unsupported_graph(monkeypatch, caplog):
-    def unsupported(*args, **kwargs):
-        raise UnsupportedGraph("test reason")
+def _raising(err: Exception):
+    def fail(*args, **kwargs):
+        raise err
 
-    monkeypatch.setattr(fxmem.partitioner, "capture", unsupported)
+    return fail
+
+
+def test_fallback_on_unsupported_graph(monkeypatch, caplog):
+    monkeypatch.setattr(fxmem.partitioner, "capture", _raising(UnsupportedGraph("test reason")))
     loss_ref, grads_ref, _ = eager_step("mlp")
     model, inputs = build("mlp")
     backend = fxmem.backend(codegen="eager")
@@ -369,10 +373,7 @@ def test_fallback_on_unsupported_graph(monkeypatch, caplog):
 
 
 def test_fallback_on_any_planning_error(monkeypatch, caplog):
-    def broken(*args, **kwargs):
-        raise RuntimeError("planner exploded")
-
-    monkeypatch.setattr(fxmem.partitioner, "_plan_and_split", broken)
+    monkeypatch.setattr(fxmem.partitioner, "_plan_and_split", _raising(RuntimeError("planner exploded")))
     _, grads_ref, _ = eager_step("mlp")
     model, inputs = build("mlp")
     backend = fxmem.backend(codegen="eager")
@@ -383,6 +384,56 @@ def test_fallback_on_any_planning_error(monkeypatch, caplog):
     assert report.fallback_reason == "RuntimeError: planner exploded"
     (warning,) = fxmem_warnings(caplog.records)
     assert "RuntimeError: planner exploded" in warning.getMessage()
+
+
+def _count_calls(monkeypatch, fail: bool = False) -> list[int]:
+    """Count calls of PyTorch's partitioner as fxmem calls it; with ``fail``, each raises instead."""
+    calls = []
+    real = fxmem.partitioner._compat.min_cut_rematerialization_partition
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if fail:
+            raise RuntimeError("default partitioner broke")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fxmem.partitioner._compat, "min_cut_rematerialization_partition", counted)
+    return calls
+
+
+def test_fallback_reuses_the_reference_partition(monkeypatch):
+    """The fallback is the partition PyTorch already made for the reference: its partitioner runs once."""
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(fxmem.partitioner, "capture", _raising(UnsupportedGraph("test reason")))
+    _, grads_ref, _ = eager_step("mlp")
+    model, inputs = build("mlp")
+    backend = fxmem.backend(codegen="eager")
+    _, grads, saved = run_step(model, inputs, backend)
+    assert rel_err(grads, grads_ref) <= EAGER_TOL
+    assert len(calls) == 1
+    assert saved == backend.reports[0].predicted_saved_bytes
+
+
+def test_plans_without_a_reference_when_pytorchs_partitioner_fails(monkeypatch, caplog):
+    """PyTorch's partitioner failing costs only the reference: a None or absolute budget is still planned."""
+    _count_calls(monkeypatch, fail=True)
+    _, grads_ref, _ = eager_step("mlp")
+    model, inputs = build("mlp")
+    backend = fxmem.backend(codegen="eager")
+    _, grads, _ = run_step(model, inputs, backend)
+    assert rel_err(grads, grads_ref) <= EAGER_TOL
+    (report,) = backend.reports
+    assert report.fallback_reason is None and report.reference_saved_bytes is None and report.plan is not None
+
+
+def test_pytorchs_error_when_both_partitioners_fail(monkeypatch):
+    """With no plan of fxmem's and none of PyTorch's, the compile fails with PyTorch's error, as it would
+    without fxmem."""
+    _count_calls(monkeypatch, fail=True)
+    monkeypatch.setattr(fxmem.partitioner, "_plan_and_split", _raising(RuntimeError("planner exploded")))
+    model, inputs = build("mlp")
+    with pytest.raises(Exception, match="default partitioner broke"):
+        run_step(model, inputs, fxmem.backend(codegen="eager"))
 
 
 @pytest.mark.parametrize("variant", ["affine", "no-affine", "no-running-stats", "batchnorm1d", "eval", "channels-last"])
