@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from fxmem import _compat
@@ -70,10 +71,20 @@ class FxmemPartitioner(_compat.CustomPartitionerFn):
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A deep copy, of the same class: within ``torch.compile`` a lazy graph module, which generates its
-    code only if run (the copies never are)."""
+    code only if run (the copies never are). The tensors the module holds (constants the graph reads)
+    are shared: planning never changes them, and copying a real tensor fails under a compile's fake mode."""
+    tensors = (
+        value
+        for module in gm.modules()
+        for value in itertools.chain(
+            module.parameters(recurse=False), module.buffers(recurse=False), vars(module).values()
+        )
+        if isinstance(value, torch.Tensor)
+    )
+    shared: dict[int, Any] = {id(t): t for t in tensors}
     with warnings.catch_warnings():  # deep-copying the output's pytree spec warns on some torch versions
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(gm)
+        return copy.deepcopy(gm, shared)
 
 
 @dataclass

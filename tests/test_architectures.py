@@ -88,13 +88,91 @@ class MixtureOfExperts(nn.Module):
         return out.abs().mean()
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class LlamaStyle(nn.Module):
+    """A decoder block as in Llama: RMS norm, rotary embeddings, grouped-query causal attention, a SwiGLU
+    MLP, and a head tied to the embedding."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, kv_heads: int = 2, seq: int = 16):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.embed = nn.Embedding(100, dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.gate, self.up, self.down = (
+            nn.Linear(dim, 64, bias=False),
+            nn.Linear(dim, 64, bias=False),
+            nn.Linear(64, dim),
+        )
+        self.norms = nn.ModuleList(RMSNorm(dim) for _ in range(3))
+        angles = torch.arange(seq)[:, None] * 10000 ** (-torch.arange(0, self.head_dim, 2) / self.head_dim)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        even, odd = x[..., ::2], x[..., 1::2]
+        return torch.stack([even * self.cos - odd * self.sin, even * self.sin + odd * self.cos], -1).flatten(-2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        batch, seq, dim = x.shape
+        h = self.norms[0](x)
+        q = self._rotate(self.q(h).view(batch, seq, self.heads, self.head_dim).transpose(1, 2))
+        k, v = self.kv(h).view(batch, seq, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        groups = self.heads // self.kv_heads
+        k, v = self._rotate(k).repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(attn.transpose(1, 2).reshape(batch, seq, dim))
+        h = self.norms[1](x)
+        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        logits = self.norms[2](x) @ self.embed.weight.t()
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 100), ids[:, 1:].reshape(-1))
+
+
+class Recurrence(nn.Module):
+    """An unrolled tanh recurrence, a cumulative sum and an ``index_put`` whose index is a tensor made in
+    ``forward`` (a constant the joint graph holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.cell = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.inp(x)
+        h = torch.zeros(x.shape[0], 32)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(h) + u[:, t])
+        y = u.cumsum(1).index_put((torch.tensor([0]),), h[:1].unsqueeze(1).expand(1, x.shape[1], 32))
+        return (y * h.unsqueeze(1)).tanh().mean()
+
+
 def _inputs(name: str) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
+    if name == "llama":
+        return (torch.randint(0, 100, (4, 16), generator=generator),)
     shapes = {"groupnorm": (4, 4, 64), "encoder": (4, 16, 32), "unet": (2, 3, 16, 16), "moe": (4, 16, 32)}
+    shapes["recurrence"] = (4, 6, 8)
     return (torch.randn(*shapes[name], generator=generator),)
 
 
-MODELS = {"groupnorm": GroupNormConv, "encoder": Encoder, "unet": UNet, "moe": MixtureOfExperts}
+MODELS = {
+    "groupnorm": GroupNormConv,
+    "encoder": Encoder,
+    "unet": UNet,
+    "moe": MixtureOfExperts,
+    "llama": LlamaStyle,
+    "recurrence": Recurrence,
+}
 
 
 def _step(name: str, backend) -> tuple[list[torch.Tensor], int]:
