@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._functorch import partitioners as _partitioners
+from torch._functorch._aot_autograd.descriptors import InputMutationAOTOutput
 from torch._functorch._aot_autograd.utils import _is_primal, _is_tangent
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import (
@@ -50,6 +51,7 @@ __all__ = [
     "make_boxed_func",
     "min_cut_rematerialization_partition",
     "must_be_in_backward",
+    "mutated_inputs",
     "symbolic_expr",
     "trace_with_decompositions",
     "unset_fake_temporarily",
@@ -161,6 +163,18 @@ def lazy_graph_modules() -> Iterator[None]:
 def generate_code(gm: fx.GraphModule) -> None:
     """Generate a lazy graph module's code now (a no-op for others), so its ``forward`` is the real one."""
     _LazyGraphModule.force_recompile(gm)
+
+
+def mutated_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    """The joint graph's inputs whose data the forward mutates: those AOTAutograd returns an updated value
+    for (by the descriptors of the graph's inputs and outputs) and those the graph copies into. Either way
+    the mutation lands before the backward runs, so the backward must not read them."""
+    (output,) = gm.graph.find_nodes(op="output")
+    mutated = {d.mutated_input for d in output.meta.get("desc", ()) if isinstance(d, InputMutationAOTOutput)}
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    found = {n for n in placeholders if n.meta.get("desc") in mutated}
+    copies = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
+    return found | {c.args[0] for c in copies if isinstance(c.args[0], fx.Node) and c.args[0].op == "placeholder"}
 
 
 def symbolic_expr(value: Any) -> Any:

@@ -248,6 +248,7 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
         joint.facts[node] = _node_facts(node, static_inputs, owners, joint.facts)
         node.meta["fxmem"] = joint.facts[node]
     _mark_normalisation_inputs(joint)
+    _mark_mutated_inputs(joint, _compat.mutated_inputs(gm))
     _mark_backward_only(joint, [o for o in fwd_outputs if isinstance(o, fx.Node)])
     return joint
 
@@ -261,6 +262,16 @@ def _mark_backward_only(joint: JointGraph, fwd_outputs: list[fx.Node]) -> None:
             needed.update(node.all_input_nodes)
         else:
             joint.facts[node].backward_only = True
+
+
+def _mark_mutated_inputs(joint: JointGraph, mutated: set[fx.Node]) -> None:
+    """An input the forward mutates (a buffer updated in place) holds its new data by the time the backward
+    runs: neither it nor a view of it may be saved, and nothing reading it may be recomputed."""
+    owners = {n.name for n in mutated}
+    for node in joint.forward:
+        facts = joint.facts[node]
+        if facts.tensor is not None and facts.tensor.storage_owner in owners:
+            facts.can_save = facts.can_recompute = False
 
 
 def _norm_kind(user: fx.Node) -> str | None:

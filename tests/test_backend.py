@@ -436,6 +436,37 @@ def test_pytorchs_error_when_both_partitioners_fail(monkeypatch):
         run_step(model, inputs, fxmem.backend(codegen="eager"))
 
 
+class _StepScaled(torch.nn.Module):
+    """Scales its activations by a step count it updates in place: a buffer the forward mutates."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 16)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        self.steps += 1
+        return (torch.nn.functional.silu(self.linear(x)) * self.steps).sum()
+
+
+def test_a_buffer_mutated_in_forward_is_never_read_by_the_backward():
+    """The smallest plan would hold the buffer (free: it is not an activation) and recompute its update
+    in the backward, which would then read the updated buffer and double the gradient."""
+    x = torch.randn(8, 16)
+    torch.manual_seed(0)
+    eager = _StepScaled()
+    eager(x).backward()
+    torch.manual_seed(0)
+    model = _StepScaled()
+    backend = fxmem.backend(memory_budget=0.0, on_infeasible="best_effort", codegen="eager", quantize="none")
+    torch.compile(model, backend=backend)(x).backward()
+    (report,) = backend.reports
+    assert report.fallback_reason is None
+    assert model.steps.item() == eager.steps.item() == 1
+    grads = [p.grad for p in model.parameters()]
+    assert rel_err(grads, [p.grad for p in eager.parameters()]) <= EAGER_TOL
+
+
 @pytest.mark.parametrize("variant", ["affine", "no-affine", "no-running-stats", "batchnorm1d", "eval", "channels-last"])
 def test_batch_norm_backward_kept_whole_matches_eager(variant):
     """The eager codegen keeps batch norm's backward as one op in training (traced without the running
