@@ -8,6 +8,7 @@ FLOPs. Facts are also written to ``node.meta["fxmem"]``. Nothing here changes th
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,11 +118,6 @@ def _tensor_facts(node: fx.Node, val: torch.Tensor, owner: str) -> TensorFacts:
     shape = tuple(_compat.symbolic_expr(d) for d in val.shape)
     shape_hint = tuple(_compat.hint(d) for d in val.shape)
     stride_hint = tuple(_compat.hint(s) for s in val.stride())
-    numel_expr = sympy.Mul(*shape) if shape else sympy.Integer(1)
-    numel = 1
-    for d in shape_hint:
-        numel *= d
-    itemsize = val.dtype.itemsize
     # Dense: some permutation of the dims is contiguous (covers channels-last and transposes).
     order = sorted(range(len(shape_hint)), key=lambda i: (stride_hint[i], shape_hint[i]))
     expected, dense = 1, True
@@ -129,15 +125,24 @@ def _tensor_facts(node: fx.Node, val: torch.Tensor, owner: str) -> TensorFacts:
         if shape_hint[i] != 1 and stride_hint[i] != expected:
             dense = False
         expected *= shape_hint[i]
+    # The elements its storage spans: its numel when dense; more for a strided layout (e.g. a copy into
+    # a slice, which keeps the slice's strides).
+    if 0 in shape_hint:
+        span, span_expr = 0, 0
+    elif dense:
+        span, span_expr = math.prod(shape_hint), math.prod(shape)
+    else:
+        strides = [_compat.symbolic_expr(s) for s in val.stride()]
+        span = 1 + sum((d - 1) * s for d, s in zip(shape_hint, stride_hint, strict=True))
+        span_expr = 1 + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
+    itemsize = val.dtype.itemsize
     return TensorFacts(
         shape=shape,
         shape_hint=shape_hint,
         stride_hint=stride_hint,
         dtype=val.dtype,
-        nbytes=numel * itemsize,
-        nbytes_expr=sympy.simplify(numel_expr * itemsize)
-        if not all(isinstance(d, int) for d in shape)
-        else numel * itemsize,
+        nbytes=span * itemsize,
+        nbytes_expr=span_expr * itemsize if isinstance(span_expr, int) else sympy.simplify(span_expr * itemsize),
         storage_owner=owner,
         dense=dense,
     )

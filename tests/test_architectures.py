@@ -156,12 +156,29 @@ class Recurrence(nn.Module):
         return (y * h.unsqueeze(1)).tanh().mean()
 
 
+class InPlaceUpdates(nn.Module):
+    """A buffer updated in place in ``forward`` (a step count that scales the activations) and an in-place
+    update of a slice: the backward must not read the buffer, which holds its new value by then."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 64)
+        self.down = nn.Linear(64, 8)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        h = self.up(x)
+        h[:, 0] += 1.0
+        return self.down(F.gelu(h) * self.steps).tanh().mean()
+
+
 def _inputs(name: str) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
     if name == "llama":
         return (torch.randint(0, 100, (4, 16), generator=generator),)
     shapes = {"groupnorm": (4, 4, 64), "encoder": (4, 16, 32), "unet": (2, 3, 16, 16), "moe": (4, 16, 32)}
-    shapes["recurrence"] = (4, 6, 8)
+    shapes["recurrence"], shapes["inplace"] = (4, 6, 8), (16, 8)
     return (torch.randn(*shapes[name], generator=generator),)
 
 
@@ -172,6 +189,7 @@ MODELS = {
     "moe": MixtureOfExperts,
     "llama": LlamaStyle,
     "recurrence": Recurrence,
+    "inplace": InPlaceUpdates,
 }
 
 
