@@ -25,9 +25,7 @@ _TINY = dict(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=32, batc
 PRESETS: dict[str, dict] = {
     "tiny": dict(_TINY),
     "tiny-dropout": dict(_TINY, dropout=0.1),
-    "small": dict(
-        vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256, batch_size=16, seq_len=256
-    ),
+    "small": dict(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256, batch_size=16, seq_len=256),
     "gpt2-small": dict(
         vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, batch_size=8, seq_len=1024
     ),
