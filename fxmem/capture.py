@@ -8,6 +8,7 @@ FLOPs. Facts are also written to ``node.meta["fxmem"]``. Nothing here changes th
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -109,9 +110,18 @@ def _is_multi_output(node: fx.Node) -> bool:
 
 
 def _op_name(node: fx.Node) -> str:
-    target = node.target
+    return _target_name(node.target)
+
+
+@functools.lru_cache(maxsize=4096)  # looked up several times per node, for a few hundred distinct ops
+def _target_name(target: Any) -> str:
     packet = getattr(target, "overloadpacket", None)
     return getattr(packet, "__name__", getattr(target, "__name__", str(target)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_collective(target: Any) -> bool:
+    return "_c10d_functional" in str(target)
 
 
 def _tensor_facts(node: fx.Node, val: torch.Tensor, owner: str) -> TensorFacts:
@@ -197,7 +207,7 @@ def _classify(node: fx.Node, is_view: bool, static_inputs: set[fx.Node]) -> str:
         return "view"
     if name in _MATMUL_OPS:
         return "matmul"
-    if "_c10d_functional" in str(node.target):
+    if _is_collective(node.target):
         return "collective"
     if name in _REDUCTION_OPS:
         return "reduction"
