@@ -166,15 +166,12 @@ def generate_code(gm: fx.GraphModule) -> None:
 
 
 def mutated_inputs(gm: fx.GraphModule) -> set[fx.Node]:
-    """The joint graph's inputs whose data the forward mutates: those AOTAutograd returns an updated value
-    for (by the descriptors of the graph's inputs and outputs) and those the graph copies into. Either way
-    the mutation lands before the backward runs, so the backward must not read them."""
+    """The joint graph's inputs whose data the forward mutates outside the graph: those AOTAutograd
+    returns an updated value for, by the descriptors of the graph's inputs and outputs. It writes the
+    value into the input right after the forward, before the backward runs."""
     (output,) = gm.graph.find_nodes(op="output")
     mutated = {d.mutated_input for d in output.meta.get("desc", ()) if isinstance(d, InputMutationAOTOutput)}
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    found = {n for n in placeholders if n.meta.get("desc") in mutated}
-    copies = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
-    return found | {c.args[0] for c in copies if isinstance(c.args[0], fx.Node) and c.args[0].op == "placeholder"}
+    return {n for n in gm.graph.find_nodes(op="placeholder") if n.meta.get("desc") in mutated}
 
 
 def symbolic_expr(value: Any) -> Any:

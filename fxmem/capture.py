@@ -263,7 +263,7 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
         joint.facts[node] = _node_facts(node, static_inputs, owners, joint.facts)
         node.meta["fxmem"] = joint.facts[node]
     _mark_normalisation_inputs(joint)
-    _mark_mutated_inputs(joint, _compat.mutated_inputs(gm))
+    _mark_mutated_inputs(joint, _compat.mutated_inputs(gm) | _copied_into(forward))
     _mark_backward_only(joint, [o for o in fwd_outputs if isinstance(o, fx.Node)])
     return joint
 
@@ -277,6 +277,12 @@ def _mark_backward_only(joint: JointGraph, fwd_outputs: list[fx.Node]) -> None:
             needed.update(node.all_input_nodes)
         else:
             joint.facts[node].backward_only = True
+
+
+def _copied_into(forward: list[fx.Node]) -> set[fx.Node]:
+    """The inputs the forward mutates in the graph (``copy_`` into a placeholder)."""
+    targets = (n.args[0] for n in forward if n.target is torch.ops.aten.copy_.default)
+    return {t for t in targets if isinstance(t, fx.Node) and t.op == "placeholder"}
 
 
 def _mark_mutated_inputs(joint: JointGraph, mutated: set[fx.Node]) -> None:
