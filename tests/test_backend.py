@@ -414,7 +414,7 @@ def test_fallback_reuses_the_reference_partition(monkeypatch):
     assert saved == backend.reports[0].predicted_saved_bytes
 
 
-def test_plans_without_a_reference_when_pytorchs_partitioner_fails(monkeypatch, caplog):
+def test_plans_without_a_reference_when_pytorchs_partitioner_fails(monkeypatch):
     """PyTorch's partitioner failing costs only the reference: a None or absolute budget is still planned."""
     _count_calls(monkeypatch, fail=True)
     _, grads_ref, _ = eager_step("mlp")
