@@ -177,8 +177,14 @@ def _inputs(name: str) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
     if name == "llama":
         return (torch.randint(0, 100, (4, 16), generator=generator),)
-    shapes = {"groupnorm": (4, 4, 64), "encoder": (4, 16, 32), "unet": (2, 3, 16, 16), "moe": (4, 16, 32)}
-    shapes["recurrence"], shapes["inplace"] = (4, 6, 8), (16, 8)
+    shapes = {
+        "groupnorm": (4, 4, 64),
+        "encoder": (4, 16, 32),
+        "unet": (2, 3, 16, 16),
+        "moe": (4, 16, 32),
+        "recurrence": (4, 6, 8),
+        "inplace": (16, 8),
+    }
     return (torch.randn(*shapes[name], generator=generator),)
 
 
