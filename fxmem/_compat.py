@@ -30,6 +30,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import is_sym_node, make_fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "must_be_in_backward",
     "mutated_inputs",
     "symbolic_expr",
+    "tensor_metadata",
     "trace_with_decompositions",
     "unset_fake_temporarily",
 ]
@@ -81,6 +83,11 @@ def inductor_decompositions() -> dict[Any, Any]:
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
+
+
+def tensor_metadata(val: torch.Tensor) -> Any:
+    """The ``tensor_meta`` that ``make_fx`` records for a node whose value is ``val``."""
+    return _extract_tensor_metadata(val)
 
 
 def trace_with_decompositions(fn: Any, args: Any) -> fx.GraphModule:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ def build_problem(
     required = set(joint.required)
     nodes: list[SolverNode] = []
     node_codecs: dict[tuple[str, str], Codec] = {}
+    # One codec object per variant: a split traces each codec once per tensor layout (see rewrite.py).
+    codec = functools.cache(lambda fmt, group=None, keep_sign=False: make_codec(fmt, config, group, keep_sign))
     forward_s = 0.0
     known: set[str] = set()
     for node in joint.forward:
@@ -95,13 +98,13 @@ def build_problem(
                     options.append(
                         QuantOption("int8", stored, cost.quant_time(held, stored), cost.precision_penalty(held, 8))
                     )
-                    node_codecs[(node.name, "int8")] = make_codec("int8", config, group)
+                    node_codecs[(node.name, "int8")] = codec("int8", group)
                 for fmt, q in _admitted(facts, quantizers, config).items():
                     stored = q.stored_bytes(numel, tensor.dtype)
                     penalty = cost.precision_penalty(held, q.bits)
                     options.append(QuantOption(fmt, stored, cost.quant_time(held, stored), penalty))
                     if facts.sign_read and isinstance(q, IntegerQuantizer):
-                        node_codecs[(node.name, fmt)] = make_codec(fmt, config, keep_sign=True)
+                        node_codecs[(node.name, fmt)] = codec(fmt, keep_sign=True)
         nodes.append(
             SolverNode(
                 name=node.name,
@@ -131,7 +134,7 @@ def build_problem(
     # unpacking cost step time (+28% over torch.compile against +13% without).
     lossless = (BITMASK,) if config.codegen == "eager" else ()
     all_formats = tuple(dict.fromkeys((*formats, *(("int8",) if formats else ()), *lossless)))
-    codecs = {fmt: make_codec(fmt, config) for fmt in all_formats}
+    codecs = {fmt: codec(fmt) for fmt in all_formats}
     return PlanningInputs(problem, all_formats, bits, codecs, node_codecs, step_s)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -32,16 +33,40 @@ class Codec:
     decode: Callable[[tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
 
 
-def _trace(fn: Callable[..., object], args: Sequence[torch.Tensor]) -> fx.GraphModule:
-    fake_mode = _compat.detect_fake_mode(args)
-    if fake_mode is None:
-        raise UnsupportedGraph("a quantized tensor has no fake value to trace its codec with")
-    with fake_mode:
-        return _compat.trace_with_decompositions(fn, args)
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.device
 
 
-def _inline(graph: fx.Graph, traced: fx.GraphModule, inputs: Sequence[fx.Node], after: fx.Node) -> list[fx.Node]:
-    """Copy ``traced``'s nodes into ``graph`` after ``after``; returns the nodes standing for its outputs."""
+class _CodecTraces:
+    """The codec graphs traced for one split, by codec, step and the layouts of their arguments. Tracing
+    (``make_fx`` with Inductor's decompositions) costs far more than copying a graph, and tensors of one
+    layout recur (a dropout mask per layer), so each layout is traced once and copied where it recurs."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple, fx.GraphModule] = {}
+
+    def get(
+        self, key: tuple, fn: Callable[..., object], args: Sequence[torch.Tensor], fake_mode: Any
+    ) -> tuple[fx.GraphModule, bool]:
+        """The graph of ``fn`` on ``args``, and whether it was traced before (its values are another copy's)."""
+        key = (*key, *(_layout(a) for a in args))
+        if key in self._graphs:
+            return self._graphs[key], True
+        with fake_mode:
+            traced = self._graphs[key] = _compat.trace_with_decompositions(fn, args)
+        return traced, False
+
+
+def _value(node: fx.Node) -> object:
+    return node.meta["val"]
+
+
+def _inline(
+    graph: fx.Graph, traced: fx.GraphModule, inputs: Sequence[fx.Node], after: fx.Node, revalue_in: Any = None
+) -> list[fx.Node]:
+    """Copy ``traced``'s nodes into ``graph`` after ``after``; returns the nodes standing for its outputs.
+    ``revalue_in``: a fake mode to compute the copies' values in, when ``traced`` was inlined before (its
+    values are taken: simulation tells tensors apart by their storages)."""
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     env.update(zip(placeholders, inputs, strict=True))
@@ -57,19 +82,34 @@ def _inline(graph: fx.Graph, traced: fx.GraphModule, inputs: Sequence[fx.Node], 
         with graph.inserting_after(anchor):
             new = graph.node_copy(node, env.__getitem__)
         new.meta = dict(node.meta)
+        if revalue_in is not None:
+            with revalue_in:
+                val = new.target(*fx.node.map_arg(new.args, _value), **fx.node.map_arg(new.kwargs, _value))
+            new.meta["val"] = val
+            if "tensor_meta" in new.meta:
+                new.meta["tensor_meta"] = _compat.tensor_metadata(val)
         env[node] = anchor = new
     raise AssertionError("traced codec graph has no output")
 
 
-def _insert_codec(joint: JointGraph, node: fx.Node, codec: Codec) -> tuple[list[fx.Node], fx.Node]:
+def _insert_codec(
+    joint: JointGraph, node: fx.Node, codec: Codec, traces: _CodecTraces
+) -> tuple[list[fx.Node], fx.Node]:
     """Quantize ``node`` right after it is computed; returns the payload nodes and the dequantized copy."""
     graph = joint.gm.graph
     val = node.meta["val"]
-    encoded = _trace(lambda x: tuple(codec.encode(x)), [val])
-    payload = _inline(graph, encoded, [node], node)
+    fake_mode = _compat.detect_fake_mode([val])
+    if fake_mode is None:
+        raise UnsupportedGraph("a quantized tensor has no fake value to trace its codec with")
+    encoded, seen = traces.get((codec, "encode"), lambda x: tuple(codec.encode(x)), [val], fake_mode)
+    payload = _inline(graph, encoded, [node], node, fake_mode if seen else None)
     payload_vals = [p.meta["val"] for p in payload]
-    decoded = _trace(lambda *p: codec.decode(tuple(p), val), payload_vals)
-    (restored,) = _inline(graph, decoded, payload, payload[-1])
+
+    def decode(*payload: torch.Tensor) -> torch.Tensor:
+        return codec.decode(payload, val)
+
+    decoded, seen = traces.get((codec, "decode", _layout(val)), decode, payload_vals, fake_mode)
+    (restored,) = _inline(graph, decoded, payload, payload[-1], fake_mode if seen else None)
     return payload, restored
 
 
@@ -101,6 +141,7 @@ def split(
     recomputed = {by_name[name] for name in plan.recomputed}
     saved: list[fx.Node] = []
     restored: dict[fx.Node, fx.Node] = {}
+    traces = _CodecTraces()
     for node in joint.forward:  # graph order keeps the saved list stable
         if node.name not in plan.saved:
             continue
@@ -109,7 +150,7 @@ def split(
             saved.append(node)
         else:
             codec = (node_codecs or {}).get((node.name, fmt)) or codecs[fmt]
-            payload, restored[node] = _insert_codec(joint, node, codec)
+            payload, restored[node] = _insert_codec(joint, node, codec, traces)
             saved.extend(payload)
     _rewire_backward(joint, restored, recomputed)
 

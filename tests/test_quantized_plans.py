@@ -55,3 +55,18 @@ def test_recomputed_view_of_quantized_tensor_keeps_forward_exact():
     model, inputs = build("vit")
     backend = fxmem.backend(codegen="eager", quantize="int2", recompute=False, memory_budget=0.15)
     assert torch.compile(model, backend=backend)(*inputs).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_codecs_traced_once_per_layout(monkeypatch):
+    """Tensors of one layout (one per layer) share a traced codec; the copies still get values of their
+    own, which the saved bytes matching the prediction in the test above relies on."""
+    traced = []
+    trace = fxmem._compat.trace_with_decompositions
+    monkeypatch.setattr(fxmem._compat, "trace_with_decompositions", lambda *args: traced.append(1) or trace(*args))
+    model, inputs = build("gpt")
+    backend = fxmem.backend(codegen="eager", quantize="int8", recompute=False, memory_budget=0.3)
+    torch.compile(model, backend=backend)(*inputs).backward()
+    (report,) = backend.reports
+    quantized = [row for row in report.rows if row.decision == "quantize"]
+    assert len(quantized) >= 4
+    assert 2 <= len(traced) < 2 * len(quantized)  # an encode and a decode per layout, not per tensor
