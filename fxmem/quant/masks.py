@@ -30,11 +30,9 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     pad = nbytes * per - n
     if not (isinstance(pad, int) and pad == 0):
         codes = F.pad(codes, (0, pad))
-    cols = codes.view(nbytes, per)
-    out = cols[:, 0]
-    for i in range(1, per):
-        out = out | (cols[:, i] << (bits * i))
-    return out
+    # The codes' bits do not overlap once shifted into place, so their sum is their bitwise or, and one
+    # reduction is a few graph nodes (``per - 1`` ors would be ``3 * per``).
+    return (codes.view(nbytes, per) << _offsets(per, bits, codes.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, bits: int, n: Any) -> Tensor:
@@ -44,9 +42,13 @@ def unpack_bits(packed: Tensor, bits: int, n: Any) -> Tensor:
     per = 8 // bits
     if per == 1:
         return packed.reshape(-1)[:n]
-    mask = (1 << bits) - 1
-    parts = [(packed >> (bits * i)) & mask for i in range(per)]
-    return torch.stack(parts, dim=1).reshape(-1)[:n]
+    codes = (packed.reshape(-1, 1) >> _offsets(per, bits, packed.device)) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:n]
+
+
+def _offsets(per: int, bits: int, device: torch.device) -> Tensor:
+    """Where each of a byte's ``per`` codes starts: bits ``0, bits, 2 * bits, ...``."""
+    return torch.arange(per, dtype=torch.uint8, device=device) * bits
 
 
 def packed_bool_bytes(numel: int) -> int:
