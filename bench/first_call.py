@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fxmem  # noqa: E402
 
-DEFAULT_MODELS = ("mlp:tiny", "gpt:tiny", "vit:tiny", "resnet:tiny", "gpt:small")
+DEFAULT_MODELS = (
+    "mlp:tiny", "mlp:tiny-dropout", "gpt:tiny", "gpt:tiny-dropout", "vit:tiny", "resnet:tiny", "gpt:small",
+)  # fmt: skip
 SYSTEMS = ("torch", "torch-decomp", "fxmem")
 
 
