@@ -49,19 +49,26 @@ def saved_nodes(fw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
     return [n for n in out.args[0][num_fwd_outputs:] if isinstance(n, fx.Node)]
 
 
-def _layout_copies(fw: fx.GraphModule, saved: list[fx.Node]) -> int:
-    """Inductor's layout optimization makes channels-last copies of convolution weights in the forward;
-    a saved weight then holds a copy that counts, though the parameter itself does not."""
-    if not _compat.inductor_layout_opt(fw):
-        return 0
-    weights = {n.args[1] for n in fw.graph.nodes if n.target is torch.ops.aten.convolution.default}
-    total = 0
-    for node in saved:
-        val = node.meta.get("val")
-        if node in weights and node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() == 4:
+def copied_conv_weights(gm: fx.GraphModule) -> set[fx.Node]:
+    """The convolution weights of ``gm`` (a forward or joint graph) that Inductor's layout optimization
+    copies to channels-last in the forward: a saved one then holds a copy that counts, though the
+    parameter itself does not. None when the optimization is off for ``gm``."""
+    if not _compat.inductor_layout_opt(gm):
+        return set()
+    copied = set()
+    for conv in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default):
+        weight = conv.args[1]
+        val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
+        if weight.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() == 4:
             if not val.is_contiguous(memory_format=torch.channels_last):
-                total += _compat.hint(val.numel()) * val.dtype.itemsize
-    return total
+                copied.add(weight)
+    return copied
+
+
+def _layout_copies(fw: fx.GraphModule, saved: list[fx.Node]) -> int:
+    copied = copied_conv_weights(fw)
+    vals = [node.meta["val"] for node in saved if node in copied]
+    return sum(_compat.hint(val.numel()) * val.dtype.itemsize for val in vals)
 
 
 def predicted_saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int, static: list[Any], *, codegen: str) -> int:

@@ -12,6 +12,7 @@ from fxmem import _compat
 from fxmem.capture import JointGraph, NodeFacts
 from fxmem.config import FxmemConfig
 from fxmem.cost import CostModel
+from fxmem.memory import copied_conv_weights
 from fxmem.quant import IntegerQuantizer, Quantizer, get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
 from fxmem.rewrite import Codec
 from fxmem.solve import Problem, QuantOption, SolverNode
@@ -63,6 +64,9 @@ def build_problem(
     bits["int8"] = 8  # normalisation inputs use row-aligned int8 whatever format was asked for
     bits[BITMASK] = 8  # lossless: admitted with the widest tier
     owners_static = {n.name for n in joint.static_inputs}
+    # Under Inductor a saved convolution weight may hold a channels-last copy. Deciding from the joint
+    # graph can miss it (Inductor decides on the forward, which has fewer nodes per conv), never invent it.
+    copied = copied_conv_weights(joint.gm) if config.codegen == "inductor" else set()
     required = set(joint.required)
     nodes: list[SolverNode] = []
     node_codecs: dict[tuple[str, str], Codec] = {}
@@ -78,13 +82,14 @@ def build_problem(
         dtype = tensor.dtype if tensor else None
         own = cost.node_time(facts.flops, facts.bytes_moved, dtype)
         forward_s += own
-        held = 0 if tensor is None or tensor.storage_owner in owners_static else tensor.nbytes
+        static = tensor is None or tensor.storage_owner in owners_static
+        held = 0 if static and node not in copied else tensor.nbytes
         # recompute=False still rebuilds what reads nothing (views of a held base, constants, index ranges)
         # and leaves backward work (nodes no forward output needs) to the backward.
         free = facts.kind in ("view", "getitem") or all(_compat.is_sym_node(a) for a in node.all_input_nodes)
         can_recompute = facts.can_recompute and (config.recompute or free or facts.backward_only)
         options: list[QuantOption] = []
-        if tensor is not None and held > 0 and tensor.dense and facts.kind != "view" and not dynamic:
+        if tensor is not None and held > 0 and tensor.dense and facts.kind not in ("view", "param") and not dynamic:
             # (Codecs are traced at static sizes: under dynamic shapes tensors stay as they are.)
             numel = tensor.nbytes // tensor.dtype.itemsize
             if tensor.dtype == torch.bool and config.codegen == "eager":

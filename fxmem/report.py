@@ -164,6 +164,8 @@ def _reason(decision: str, facts: NodeFacts, node: Any, fmt: str | None) -> str:
         return f"stored as {fmt}: the cheapest way to hold it under the budget"
     if node.save_bytes == 0:
         return "a parameter or buffer: holding it costs nothing"
+    if kind == "param":
+        return "a convolution weight: Inductor's layout optimization holds a channels-last copy of it"
     if not node.can_recompute:
         return f"{kind} op: cannot be recomputed (random, impure, an input, or recompute=False)"
     return "recomputing it would cost more time than the budget allows"

@@ -97,5 +97,6 @@ def shape_value(dim: object) -> int | str:
 
 
 def is_free(row: TensorRow) -> bool:
-    """A parameter or buffer: held by the model anyway, so holding it for the backward costs nothing."""
-    return row.kind == "param"
+    """A parameter or buffer: held by the model anyway, so holding it for the backward costs nothing (but
+    for a convolution weight Inductor copies to channels-last)."""
+    return row.kind == "param" and row.stored_bytes == 0
