@@ -29,7 +29,7 @@ from fxmem.capture import JointGraph, UnsupportedGraph, capture
 from fxmem.config import FxmemConfig
 from fxmem.cost import get_cost_model, resolve_profile
 from fxmem.memory import outside_graph_bytes, predicted_saved_bytes, static_vals
-from fxmem.planner import PlanningInputs, build_problem
+from fxmem.planner import PlanningInputs, build_problem, keep_thresholds_exact
 from fxmem.report import GraphReport, record_report, tensor_rows
 from fxmem.rewrite import split
 from fxmem.simulate import Timeline, simulate
@@ -215,7 +215,10 @@ def _attempt(
     report.add_pass("cost", t, f"{len(inputs.problem.nodes)} solver nodes on the {profile.name} profile")
 
     t = time.perf_counter()
-    plan = get_solver(config.solver)(inputs.problem, formats=inputs.formats, bits=inputs.bits)
+    solver = get_solver(config.solver)
+    plan = solver(inputs.problem, formats=inputs.formats, bits=inputs.bits)
+    while keep_thresholds_exact(joint, plan, inputs):  # each round forbids more recomputation: it ends
+        plan = solver(inputs.problem, formats=inputs.formats, bits=inputs.bits)
     report.add_pass(
         "solve", t, f"{plan.solver}: keep {len(plan.saved) - len(plan.quantized)}, quantize {len(plan.quantized)}, "
         f"recompute {len(plan.recomputed)}; {plan.saved_bytes} bytes held",

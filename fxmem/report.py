@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fxmem")
 _REPORTS: list[GraphReport] = []
 BACKWARD_ONLY_REASON = "only the backward reads it: computed there instead of in the forward"
+EXACT_REASON = "a comparison or index: recomputing it from a quantized copy could flip it"
 
 
 @dataclass
@@ -105,7 +106,10 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
             stored = solver_node.save_bytes
         elif decision.kind == "quantize":
             stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
-        reason = _reason(decision.kind, facts, solver_node, decision.fmt)
+        reason = (
+            EXACT_REASON if node.name in inputs.exact and decision.kind == "keep"
+            else _reason(decision.kind, facts, solver_node, decision.fmt)
+        )  # fmt: skip
         rows.append(
             TensorRow(
                 name=node.name,
