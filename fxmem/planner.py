@@ -161,7 +161,11 @@ def keep_thresholds_exact(joint: JointGraph, plan: Plan, inputs: PlanningInputs)
     signs = {name for name, fmt in plan.saved.items() if (name, fmt) in inputs.sign_kept}
     reads_lossy = []  # recomputed nodes that read a lossy copy, directly or through other recomputed ones
     for node in joint.forward:  # topological: a node's inputs come first
-        if node.name not in recomputed or _tests_kept_sign(node, signs):
+        if node.name not in recomputed:
+            continue
+        if joint.facts[node].kind == "view" and node.args and getattr(node.args[0], "name", None) in signs:
+            signs.add(node.name)  # a view of it (an alias, say): the same values, signs kept too
+        if _tests_kept_sign(node, signs):
             continue
         if any(a.name in lossy for a in node.all_input_nodes):
             reads_lossy.append(node)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fxmem")
 _REPORTS: list[GraphReport] = []
 BACKWARD_ONLY_REASON = "only the backward reads it: computed there instead of in the forward"
-EXACT_REASON = "a comparison or index: recomputing it from a quantized copy could flip it"
+EXACT_REASON = "a comparison or index, held: recomputing it from a quantized copy could flip it"
 
 
 @dataclass
@@ -107,7 +107,7 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
         elif decision.kind == "quantize":
             stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
         reason = (
-            EXACT_REASON if node.name in inputs.exact and decision.kind == "keep"
+            EXACT_REASON if node.name in inputs.exact
             else _reason(decision.kind, facts, solver_node, decision.fmt)
         )  # fmt: skip
         rows.append(

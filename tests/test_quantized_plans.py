@@ -62,8 +62,22 @@ def test_recomputation_never_flips_a_relu_mask():
     loss.backward()
     (report,) = backend.reports
     assert any(row.decision == "quantize" and row.fmt == "int8" for row in report.rows)
+    assert any("could flip" in row.reason for row in report.rows if row.op == "aten.le.Scalar")
     assert saved == report.predicted_saved_bytes <= (0.3 + BUDGET_SLACK) * report.reference_saved_bytes
     assert rel_err([p.grad for p in model.parameters()], reference) <= 2e-2  # the worst parameter
+
+
+def test_relu_masks_recomputed_from_sign_keeping_int8():
+    """A ReLU output stored in int8 keeps its signs, so its mask (a comparison with 0, through an alias)
+    is still recomputed in the backward rather than saved."""
+    model, inputs = build("resnet")
+    backend = fxmem.backend(codegen="eager", quantize="int8", recompute=False, memory_budget=0.3)
+    torch.compile(model, backend=backend)(*inputs).backward()
+    (report,) = backend.reports
+    assert any(row.op == "aten.relu.default" and row.fmt == "int8" for row in report.rows)
+    masks = [row for row in report.rows if row.op == "aten.le.Scalar"]
+    assert any(row.decision == "recompute" for row in masks)
+    assert not [row.name for row in masks if "could flip" in row.reason]
 
 
 def test_recomputed_view_of_quantized_tensor_keeps_forward_exact():
