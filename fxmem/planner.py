@@ -150,10 +150,11 @@ def build_problem(
 
 
 def keep_thresholds_exact(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> bool:
-    """Forbid recomputing the comparisons and indices (bool or integer values from floating ones: a ReLU
-    mask, pooling indices) that ``plan`` recomputes from a lossy copy: rounding flips some of them, and a
-    flip moves a whole gradient element (a ReLU mask recomputed from int8 convolution outputs gave 14%
-    gradient error on resnet tiny). Returns whether any was: the problem then needs solving again."""
+    """Forbid recomputing the comparisons, indices and step functions (bool or integer values from
+    floating ones, such as a ReLU mask or pooling indices; ``sign``, ``round``) that ``plan`` recomputes
+    from a lossy copy: rounding flips some of them, and a flip moves a whole gradient element (a ReLU mask
+    recomputed from int8 convolution outputs gave 14% gradient error on resnet tiny, ``abs``'s sign 14% on
+    an MLP). Returns whether any was: the problem then needs solving again."""
     lossy = {name for name, fmt in plan.saved.items() if fmt is not None and fmt != BITMASK}
     if not lossy:
         return False
@@ -174,12 +175,19 @@ def keep_thresholds_exact(joint: JointGraph, plan: Plan, inputs: PlanningInputs)
     for node in reads_lossy:
         tensor = joint.facts[node].tensor
         solver_node = inputs.problem.by_name[node.name]
-        if tensor is not None and not tensor.dtype.is_floating_point and solver_node.can_save:
+        stepwise = tensor is not None and (not tensor.dtype.is_floating_point or node.target in _STEP_FUNCTIONS)
+        if stepwise and solver_node.can_save:
             solver_node.can_recompute = False
             inputs.exact.add(node.name)
             found = True
     return found
 
+
+# Floating ops whose value jumps where the input crosses a point: as unsafe to recompute from a lossy
+# copy as a comparison.
+_STEP_FUNCTIONS = {
+    getattr(torch.ops.aten, op).default for op in ("sign", "sgn", "round", "floor", "ceil", "trunc")
+}  # fmt: skip
 
 _ZERO_TESTS = {
     getattr(torch.ops.aten, op).Scalar for op in ("le", "lt", "gt", "ge", "eq", "ne")
