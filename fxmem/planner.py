@@ -176,7 +176,7 @@ def keep_thresholds_exact(joint: JointGraph, plan: Plan, inputs: PlanningInputs)
         tensor = joint.facts[node].tensor
         solver_node = inputs.problem.by_name[node.name]
         stepwise = tensor is not None and (not tensor.dtype.is_floating_point or node.target in _STEP_FUNCTIONS)
-        if stepwise and solver_node.can_save:
+        if stepwise and solver_node.can_save and solver_node.can_recompute:  # (each round forbids more)
             solver_node.can_recompute = False
             inputs.exact.add(node.name)
             found = True
