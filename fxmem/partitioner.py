@@ -221,7 +221,8 @@ def _attempt(
         plan = solver(inputs.problem, formats=inputs.formats, bits=inputs.bits)
     report.add_pass(
         "solve", t, f"{plan.solver}: keep {len(plan.saved) - len(plan.quantized)}, quantize {len(plan.quantized)}, "
-        f"recompute {len(plan.recomputed)}; {plan.saved_bytes} bytes held",
+        f"recompute {len(plan.recomputed)}; {plan.saved_bytes} bytes held"
+        + (f"; {len(inputs.exact)} kept exact (comparisons, indices, steps)" if inputs.exact else ""),
     )  # fmt: skip
 
     t = time.perf_counter()
