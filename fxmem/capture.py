@@ -263,9 +263,40 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
         joint.facts[node] = _node_facts(node, static_inputs, owners, joint.facts)
         node.meta["fxmem"] = joint.facts[node]
     _mark_normalisation_inputs(joint)
+    _mark_extreme_values(joint)
     _mark_mutated_inputs(joint, _compat.mutated_inputs(gm) | _copied_into(forward))
     _mark_backward_only(joint, [o for o in fwd_outputs if isinstance(o, fx.Node)])
     return joint
+
+
+# A constant at least this large (float16's largest, which fp16 attention masks use; bf16 and fp32 masks
+# use their own minimum or -inf) marks a tensor as holding extreme values.
+_EXTREME = 65504.0
+# Ops that map extreme inputs to ordinary values (exp(-inf) is 0): marks stop there.
+_SATURATING_OPS = {"exp", "exp2", "expm1", "sigmoid", "tanh", "erf", "atan", "reciprocal", "_softmax", "softmax"}
+
+
+def _mark_extreme_values(joint: JointGraph) -> None:
+    """Mark the tensors that hold extreme values by construction: an attention mask of -inf (or of the
+    dtype's minimum), scores filled with it. A quantization group scales to its largest magnitude, so
+    such a value poisons its group (it comes back NaN, or every other value comes back 0): they are not
+    quantized. Marks follow views and pointwise ops, and stop at reductions and saturating ops (a
+    softmax's output is ordinary again)."""
+    marked: set[fx.Node] = set()
+    for node in joint.forward:
+        facts = joint.facts[node]
+        extreme = any(not abs(c) < _EXTREME for c in _float_constants(node))  # (nan too)
+        follows = facts.kind in ("view", "pointwise", "getitem") and _op_name(node) not in _SATURATING_OPS
+        inherited = follows and not marked.isdisjoint(node.all_input_nodes)
+        if extreme or inherited:
+            marked.add(node)
+            facts.quantizable = False
+
+
+def _float_constants(node: fx.Node) -> list[float]:
+    found: list[float] = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: found.append(a) if isinstance(a, float) else a)
+    return found
 
 
 def _mark_backward_only(joint: JointGraph, fwd_outputs: list[fx.Node]) -> None:

@@ -99,6 +99,45 @@ def test_recomputation_never_flips_a_sign():
     assert rel_err([p.grad for p in model.parameters()], reference) <= 2e-2
 
 
+class _PaddedAttention(torch.nn.Module):
+    """Attention over padded token sequences, the padding masked additively with ``fill``: -inf, or the
+    dtype's minimum as Hugging Face models do. The attention's backward reads the mask."""
+
+    def __init__(self, fill: float) -> None:
+        super().__init__()
+        self.fill = fill
+        self.embed = torch.nn.Embedding(50, 32, padding_idx=0)
+        self.qkv = torch.nn.Linear(32, 96)
+        self.head = torch.nn.Linear(32, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.embed(ids)).unsqueeze(1).chunk(3, dim=-1)
+        pad = (ids == 0)[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        mask = torch.zeros(pad.shape).masked_fill(pad, self.fill)
+        return self.head(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)).square().mean()
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min], ids=["inf", "finfo-min"])
+def test_extreme_attention_masks_are_not_quantized(fill):
+    """A quantization group scales to its largest magnitude: a -inf in a saved attention mask made its
+    group NaN, and so every gradient; the dtype's minimum would zero the rest of its group instead."""
+    ids = torch.randint(1, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, 11:] = 0
+    torch.manual_seed(0)
+    model = _PaddedAttention(fill)
+    model(ids).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    model = _PaddedAttention(fill)
+    backend = fxmem.backend(codegen="eager", quantize="int4", recompute=False, memory_budget=0.2)
+    torch.compile(model, backend=backend)(ids).backward()
+    (report,) = backend.reports
+    quantized = [row.op for row in report.rows if row.decision == "quantize"]
+    assert quantized and "aten.where.self" not in quantized  # the mask (masked_fill) stays as it is
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert rel_err([p.grad for p in model.parameters()], reference) <= 0.2
+
+
 def test_relu_masks_recomputed_from_sign_keeping_int8():
     """A ReLU output stored in int8 keeps its signs, so its mask (a comparison with 0, through an alias)
     is still recomputed in the backward rather than saved."""
