@@ -89,10 +89,11 @@ def build_problem(
         forward_s += own
         static = tensor is None or tensor.storage_owner in owners_static
         held = 0 if static and node not in copied else tensor.nbytes
-        # recompute=False still rebuilds what reads nothing (views of a held base, constants, index ranges)
-        # and leaves backward work (nodes no forward output needs) to the backward.
+        # recompute=False still rebuilds what reads nothing (views of a held base, constants, index ranges),
+        # leaves backward work (nodes no forward output needs) to the backward, and honours checkpointing.
         free = facts.kind in ("view", "getitem") or all(_compat.is_sym_node(a) for a in node.all_input_nodes)
-        can_recompute = facts.can_recompute and (config.recompute or free or facts.backward_only)
+        asked = facts.user_policy in ("MUST_RECOMPUTE", "PREFER_RECOMPUTE")
+        can_recompute = facts.can_recompute and (config.recompute or free or facts.backward_only or asked)
         options: list[QuantOption] = []
         if tensor is not None and held > 0 and tensor.dense and facts.kind not in ("view", "param") and not dynamic:
             # (Codecs are traced at static sizes: under dynamic shapes tensors stay as they are.)

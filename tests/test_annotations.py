@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -23,12 +24,15 @@ class CheckpointedMLP(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.head(hidden), y)
 
 
-def test_checkpointed_region_is_recomputed_with_eager_gradients():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_checkpointed_region_is_recomputed_with_eager_gradients(recompute):
+    """Also with ``recompute=False``: the user's annotation wins over the option (it once left the
+    region's nodes neither savable nor recomputable, and the graph fell back to PyTorch's partitioner)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = CheckpointedMLP()
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
-    backend = fxmem.backend(codegen="eager")
+    backend = fxmem.backend(codegen="eager", recompute=recompute)
     torch.compile(model, backend=backend)(x, y).backward()
     compiled_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
