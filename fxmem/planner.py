@@ -38,7 +38,7 @@ class PlanningInputs:
     step_s: float  # estimated time of a training step on the profile
     # (node, format) pairs whose codec keeps signs exactly (ReLU outputs in integer formats).
     sign_kept: set[tuple[str, str]] = field(default_factory=set)
-    # Comparisons and indices kept exact (see ``keep_thresholds_exact``): never recomputed.
+    # Comparisons, indices and steps kept exact (see ``keep_thresholds_exact``): never recomputed.
     exact: set[str] = field(default_factory=set)
 
 
