@@ -346,7 +346,7 @@ def _mark_normalisation_inputs(joint: JointGraph) -> None:
     """Mark the tensors a normalisation reads, directly or through views: the planner stores them only in
     formats whose error the normalisation's backward does not blow up. A log-softmax output (the loss's
     saved log-probabilities, whose gradient is exp of it) is treated like a row normalisation's input."""
-    kinds: dict[fx.Node, str] = {n: "row" for n in joint.forward if _op_name(n) == "_log_softmax"}
+    kinds: dict[fx.Node, str] = {n: "row" for n in joint.forward if _is_log_softmax(n)}
     for node in reversed(joint.forward):
         for user in node.users:
             user_facts = joint.facts.get(user)
@@ -357,6 +357,21 @@ def _mark_normalisation_inputs(joint: JointGraph) -> None:
         if node in kinds:
             joint.facts[node].quantizable = False
             joint.facts[node].norm_input = kinds[node]
+    for node in joint.forward:
+        if _op_name(node) == "exp" and isinstance(node.args[0], fx.Node) and _is_log_softmax(node.args[0]):
+            # Probabilities rebuilt from a log-softmax: the loss's gradient is each one itself, and the many
+            # tiny ones would come back as whole quantization steps (int8 gave 63% gradient error).
+            joint.facts[node].quantizable = False
+
+
+def _is_log_softmax(node: fx.Node) -> bool:
+    """``_log_softmax``, or the form Inductor's graph has it in: ``x - log(sum(exp(x), dim, keepdim))``."""
+    if _op_name(node) == "_log_softmax":
+        return True
+    log = node.args[1] if _op_name(node) == "sub" and len(node.args) == 2 else None
+    total = log.args[0] if isinstance(log, fx.Node) and _op_name(log) == "log" else None
+    exp = total.args[0] if isinstance(total, fx.Node) and _op_name(total) == "sum" else None
+    return isinstance(exp, fx.Node) and _op_name(exp) == "exp" and exp.args[0] is node.args[0]
 
 
 def _view_base(node: fx.Node) -> fx.Node | None:
