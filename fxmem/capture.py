@@ -345,8 +345,10 @@ def _norm_kind(user: fx.Node) -> str | None:
 def _mark_normalisation_inputs(joint: JointGraph) -> None:
     """Mark the tensors a normalisation reads, directly or through views: the planner stores them only in
     formats whose error the normalisation's backward does not blow up. A log-softmax output (the loss's
-    saved log-probabilities, whose gradient is exp of it) is treated like a row normalisation's input."""
-    kinds: dict[fx.Node, str] = {n: "row" for n in joint.forward if _is_log_softmax(n)}
+    saved log-probabilities, whose gradient is exp of it) is treated like a row normalisation's input,
+    and the probabilities rebuilt from it with ``exp`` are not quantized at all."""
+    log_softmaxes = [n for n in joint.forward if _is_log_softmax(n)]
+    kinds: dict[fx.Node, str] = dict.fromkeys(log_softmaxes, "row")
     for node in reversed(joint.forward):
         for user in node.users:
             user_facts = joint.facts.get(user)
@@ -357,11 +359,12 @@ def _mark_normalisation_inputs(joint: JointGraph) -> None:
         if node in kinds:
             joint.facts[node].quantizable = False
             joint.facts[node].norm_input = kinds[node]
-    for node in joint.forward:
-        if _op_name(node) == "exp" and isinstance(node.args[0], fx.Node) and _is_log_softmax(node.args[0]):
-            # Probabilities rebuilt from a log-softmax: the loss's gradient is each one itself, and the many
-            # tiny ones would come back as whole quantization steps (int8 gave 63% gradient error).
-            joint.facts[node].quantizable = False
+    for log_probs in log_softmaxes:
+        for user in log_probs.users:
+            if user in joint.facts and _op_name(user) == "exp":
+                # The loss's gradient is each probability itself, and the many tiny ones would come back as
+                # whole quantization steps (int8 gave 63% gradient error).
+                joint.facts[user].quantizable = False
 
 
 def _is_log_softmax(node: fx.Node) -> bool:

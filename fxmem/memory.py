@@ -58,8 +58,8 @@ def copied_conv_weights(gm: fx.GraphModule) -> set[fx.Node]:
     copied = set()
     for conv in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default):
         weight = conv.args[1]
-        val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
-        if weight.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() == 4:
+        val = weight.meta.get("val") if isinstance(weight, fx.Node) and weight.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() == 4:
             if not val.is_contiguous(memory_format=torch.channels_last):
                 copied.add(weight)
     return copied

@@ -163,11 +163,7 @@ def keep_thresholds_exact(joint: JointGraph, plan: Plan, inputs: PlanningInputs)
     signs = {name for name, fmt in plan.saved.items() if (name, fmt) in inputs.sign_kept}
     reads_lossy = []  # recomputed nodes that read a lossy copy, directly or through other recomputed ones
     for node in joint.forward:  # topological: a node's inputs come first
-        if node.name not in recomputed:
-            continue
-        if joint.facts[node].kind == "view" and node.args and getattr(node.args[0], "name", None) in signs:
-            signs.add(node.name)  # a view of it (an alias, say): the same values, signs kept too
-        if _tests_kept_sign(node, signs):
+        if node.name not in recomputed or _tests_kept_sign(joint, node, signs):
             continue
         if any(a.name in lossy for a in node.all_input_nodes):
             reads_lossy.append(node)
@@ -195,13 +191,13 @@ _ZERO_TESTS = {
 }  # fmt: skip
 
 
-def _tests_kept_sign(node: torch.fx.Node, signs: set[str]) -> bool:
-    """``node`` compares with 0 a tensor stored in a format that keeps signs (a ReLU's backward mask):
-    exact on the stored copy."""
-    source = node.args[0] if len(node.args) == 2 else None
-    return (
-        node.target in _ZERO_TESTS and node.args[1] == 0 and isinstance(source, torch.fx.Node) and source.name in signs
-    )
+def _tests_kept_sign(joint: JointGraph, node: torch.fx.Node, signs: set[str]) -> bool:
+    """``node`` compares with 0 a tensor stored in a format that keeps signs, or a view of one (a ReLU's
+    backward mask, through an alias): exact on the stored copy."""
+    if node.target not in _ZERO_TESTS or node.args[1] != 0:
+        return False
+    tensor = joint.facts[node.args[0]].tensor if node.args[0] in joint.facts else None
+    return tensor is not None and tensor.storage_owner in signs
 
 
 def _admitted(facts: NodeFacts, quantizers: dict[str, Quantizer], config: FxmemConfig) -> dict[str, Quantizer]:

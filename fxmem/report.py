@@ -106,10 +106,7 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
             stored = solver_node.save_bytes
         elif decision.kind == "quantize":
             stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
-        reason = (
-            EXACT_REASON if node.name in inputs.exact
-            else _reason(decision.kind, facts, solver_node, decision.fmt)
-        )  # fmt: skip
+        reason = _reason(decision.kind, facts, solver_node, decision.fmt, exact=node.name in inputs.exact)
         rows.append(
             TensorRow(
                 name=node.name,
@@ -158,8 +155,10 @@ def _quant_time(node: Any, fmt: str | None) -> float:
     return next((o.added_s for o in node.quant_options if o.fmt == fmt), 0.0)
 
 
-def _reason(decision: str, facts: NodeFacts, node: Any, fmt: str | None) -> str:
+def _reason(decision: str, facts: NodeFacts, node: Any, fmt: str | None, *, exact: bool = False) -> str:
     kind = facts.kind
+    if exact:
+        return EXACT_REASON
     if decision == "recompute" and facts.backward_only:
         return BACKWARD_ONLY_REASON
     if decision == "recompute":
