@@ -4,11 +4,13 @@ backward reads)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 import fxmem
-from tests.helpers import build, measure_saved_bytes, params_and_buffers, rel_err
+from tests.helpers import build, eager_step, measure_saved_bytes, params_and_buffers, rel_err, run_step
 
 # (quantize, memory_budget, check): int8 and fp8 by relative gradient error, int2 by cosine similarity.
 CASES = [("int8", 0.3, ("rel", 2e-2)), ("fp8", 0.3, ("rel", 1e-1)), ("int2", 0.15, ("cos", 0.8))]
@@ -53,19 +55,27 @@ def test_recomputation_never_flips_a_relu_mask():
     norm, ReLU and the ReLU's mask from them in the backward: rounding flipped mask elements near 0, and
     one batch norm's bias gradient was 14% off (2% over all parameters). Comparisons and indices are no
     longer recomputed from a lossy copy: every parameter's gradient is then within 2%."""
-    model, inputs = build("resnet")
-    model(*inputs).backward()
-    reference = [p.grad.clone() for p in model.parameters()]
+    _, reference, _ = eager_step("resnet")
     model, inputs = build("resnet")
     backend = fxmem.backend(codegen="eager", quantize="int8", memory_budget=0.3)  # recompute=True
-    loss, saved = measure_saved_bytes(torch.compile(model, backend=backend), *inputs, exclude=params_and_buffers(model))
-    loss.backward()
+    _, grads, saved = run_step(model, inputs, backend)
     (report,) = backend.reports
     assert any(row.decision == "quantize" and row.fmt == "int8" for row in report.rows)
     assert any("could flip" in row.reason for row in report.rows if row.op == "aten.le.Scalar")
     assert any("kept exact" in record.summary for record in report.passes if record.name == "solve")
     assert saved == report.predicted_saved_bytes <= (0.3 + BUDGET_SLACK) * report.reference_saved_bytes
-    assert rel_err([p.grad for p in model.parameters()], reference) <= 2e-2  # the worst parameter
+    assert rel_err(grads, reference) <= 2e-2  # the worst parameter
+
+
+def _against_eager(make: Callable[[], torch.nn.Module], inputs: tuple, backend: fxmem.FxmemCompiler) -> tuple:
+    """``(report, gradients, eager's gradients)`` of one step of ``make()`` compiled with ``backend``, both
+    models made from the same seed."""
+    torch.manual_seed(0)
+    _, reference, _ = run_step(make(), inputs)
+    torch.manual_seed(0)
+    _, grads, _ = run_step(make(), inputs, backend)
+    (report,) = backend.reports
+    return report, grads, reference
 
 
 class _AbsMLP(torch.nn.Module):
@@ -86,17 +96,10 @@ def test_recomputation_never_flips_a_sign():
     """``abs``'s backward multiplies by ``sign`` of its input: recomputed from int8 inputs, signs near 0
     flipped and the gradients were 14% off."""
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    model = _AbsMLP()
-    model(x).backward()
-    reference = [p.grad.clone() for p in model.parameters()]
-    torch.manual_seed(0)
-    model = _AbsMLP()
     backend = fxmem.backend(codegen="eager", quantize="int8", memory_budget=0.3)
-    torch.compile(model, backend=backend)(x).backward()
-    (report,) = backend.reports
+    report, grads, reference = _against_eager(_AbsMLP, (x,), backend)
     assert any(row.decision == "quantize" for row in report.rows)
-    assert rel_err([p.grad for p in model.parameters()], reference) <= 2e-2
+    assert rel_err(grads, reference) <= 2e-2
 
 
 class _PaddedAttention(torch.nn.Module):
@@ -123,19 +126,12 @@ def test_extreme_attention_masks_are_not_quantized(fill):
     group NaN, and so every gradient; the dtype's minimum would zero the rest of its group instead."""
     ids = torch.randint(1, 50, (4, 16), generator=torch.Generator().manual_seed(0))
     ids[:, 11:] = 0
-    torch.manual_seed(0)
-    model = _PaddedAttention(fill)
-    model(ids).backward()
-    reference = [p.grad.clone() for p in model.parameters()]
-    torch.manual_seed(0)
-    model = _PaddedAttention(fill)
     backend = fxmem.backend(codegen="eager", quantize="int4", recompute=False, memory_budget=0.2)
-    torch.compile(model, backend=backend)(ids).backward()
-    (report,) = backend.reports
+    report, grads, reference = _against_eager(lambda: _PaddedAttention(fill), (ids,), backend)
     quantized = [row.op for row in report.rows if row.decision == "quantize"]
     assert quantized and "aten.where.self" not in quantized  # the mask (masked_fill) stays as it is
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    assert rel_err([p.grad for p in model.parameters()], reference) <= 0.2
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert rel_err(grads, reference) <= 0.2
 
 
 class _TiedLM(torch.nn.Module):
@@ -161,17 +157,10 @@ def test_inductor_log_softmax_is_quantized_like_eager(inductor_cache):
     the eager codegen; the second are not quantized."""
     generator = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(0, 50, (4, 16), generator=generator), torch.randint(0, 50, (4, 16), generator=generator)
-    torch.manual_seed(0)
-    model = _TiedLM()
-    model(ids, labels).backward()
-    reference = [p.grad.clone() for p in model.parameters()]
-    torch.manual_seed(0)
-    model = _TiedLM()
     backend = fxmem.backend(quantize="int8", memory_budget=0.3)  # codegen="inductor"
-    torch.compile(model, backend=backend)(ids, labels).backward()
-    (report,) = backend.reports
+    report, grads, reference = _against_eager(_TiedLM, (ids, labels), backend)
     assert any(row.decision == "quantize" for row in report.rows)
-    assert rel_err([p.grad for p in model.parameters()], reference) <= 2e-2
+    assert rel_err(grads, reference) <= 2e-2
 
 
 def test_relu_masks_recomputed_from_sign_keeping_int8():
