@@ -10,6 +10,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.fx as fx
@@ -39,6 +40,7 @@ __all__ = [
     "aot_autograd",
     "compile_caches_off",
     "compile_fx",
+    "default_saved_values",
     "detect_fake_mode",
     "extract_fwd_bwd_modules",
     "fwd_bwd_outputs",
@@ -134,6 +136,36 @@ def force_save(joint_module: fx.GraphModule) -> None:
 def fwd_bwd_outputs(joint_module: fx.GraphModule, num_fwd_outputs: int) -> tuple[list[Any], list[Any]]:
     fwd_outputs, bwd_outputs, *_ = _extract_fwd_bwd_outputs(joint_module, num_fwd_outputs=num_fwd_outputs)
     return list(fwd_outputs), list(bwd_outputs)
+
+
+class _SavedValuesChosen(Exception):
+    def __init__(self, saved_values: list[fx.Node]):
+        super().__init__("PyTorch's partitioner chose its saved values")
+        self.saved_values = saved_values
+
+
+def default_saved_values(
+    joint_module: fx.GraphModule, *, num_fwd_outputs: int, static_lifetime_input_indices: list[int]
+) -> list[fx.Node]:
+    """The values (tensors, then sizes) torch.compile's default partitioner (min-cut) chooses to save for
+    ``joint_module``, without the cost of building its forward and backward: the partitioner runs until it
+    would extract them. It prepares ``joint_module`` as always (dead code out, CSE, checkpoint tags), so
+    partitioning it afterwards gives the same split. The split drops those the backward does not read.
+    (It is stopped by patching its module while it runs: Dynamo compiles under one global lock.)"""
+
+    def stop(_joint: fx.GraphModule, saved_values: list[fx.Node], *args: Any, **kwargs: Any) -> Any:
+        saved_sym_nodes = kwargs.get("saved_sym_nodes", args[0] if args else [])
+        raise _SavedValuesChosen([*saved_values, *saved_sym_nodes])
+
+    try:
+        with mock.patch.object(_partitioners, "_extract_fwd_bwd_modules", stop):
+            min_cut_rematerialization_partition(
+                joint_module, [], compiler="inductor", num_fwd_outputs=num_fwd_outputs,
+                static_lifetime_input_indices=static_lifetime_input_indices,
+            )  # fmt: skip
+    except _SavedValuesChosen as chosen:
+        return chosen.saved_values
+    raise RuntimeError("PyTorch's partitioner returned without extracting a forward and a backward")
 
 
 _EXTRACT_PARAMS = inspect.signature(_partitioners._extract_fwd_bwd_modules).parameters

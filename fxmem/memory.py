@@ -71,13 +71,33 @@ def _layout_copies(fw: fx.GraphModule, saved: list[fx.Node]) -> int:
     return sum(_compat.hint(val.numel()) * val.dtype.itemsize for val in vals)
 
 
-def predicted_saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int, static: list[Any], *, codegen: str) -> int:
-    """What saved-tensor hooks will measure for the forward module ``fw`` (parameters excluded)."""
-    saved = saved_nodes(fw, num_fwd_outputs)
+def saved_bytes(gm: fx.GraphModule, saved: list[fx.Node], static: list[Any], *, codegen: str) -> int:
+    """What saved-tensor hooks will measure when ``saved`` (nodes of ``gm``, a forward or joint graph) are
+    saved for the backward, parameters excluded."""
     total = held_bytes([n.meta.get("val") for n in saved], static)
     if codegen == "inductor":
-        total += _layout_copies(fw, saved)
+        total += _layout_copies(gm, saved)
     return total
+
+
+def predicted_saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int, static: list[Any], *, codegen: str) -> int:
+    """What saved-tensor hooks will measure for the forward module ``fw`` (parameters excluded)."""
+    return saved_bytes(fw, saved_nodes(fw, num_fwd_outputs), static, codegen=codegen)
+
+
+def read_by_backward(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int) -> list[fx.Node]:
+    """Those of ``saved`` (values to save, tensors and sizes) that the backward of ``joint`` reads, when it
+    computes everything else from them: PyTorch's split drops the others from what the forward saves."""
+    _, bwd_outputs = _compat.fwd_bwd_outputs(joint, num_fwd_outputs)
+    inputs, seen = set(saved), set()
+    stack = [node for node in bwd_outputs if isinstance(node, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            if node not in inputs and node.op != "placeholder":
+                stack.extend(node.all_input_nodes)
+    return [node for node in saved if node in seen]
 
 
 def outside_graph_bytes(gm: fx.GraphModule) -> int:

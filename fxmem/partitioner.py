@@ -7,6 +7,7 @@ hands to AOTAutograd as ``partition_fn``). Each call plans one joint graph and a
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import gc
 import hashlib
@@ -28,7 +29,7 @@ from fxmem.calibrate import calibrated_profile
 from fxmem.capture import JointGraph, UnsupportedGraph, capture
 from fxmem.config import FxmemConfig
 from fxmem.cost import get_cost_model, resolve_profile
-from fxmem.memory import outside_graph_bytes, predicted_saved_bytes, static_vals
+from fxmem.memory import outside_graph_bytes, predicted_saved_bytes, read_by_backward, saved_bytes, static_vals
 from fxmem.planner import PlanningInputs, build_problem, keep_thresholds_exact
 from fxmem.report import GraphReport, record_report, tensor_rows
 from fxmem.rewrite import split
@@ -41,6 +42,21 @@ _graph_ids = itertools.count()
 # (``inf``: no limit on held bytes), then plans holding fractions of what torch.compile's default holds
 # (of what the least-time plan holds, without the default). None depends on the budget.
 _PEAK_LADDER = (math.inf, 1.0, 0.7, 0.5, 0.35, 0.25, 0.17, 0.11, 0.07, 0.04, 0.02, 0.0)
+
+
+# Set by fxmem.inspect: simulate torch.compile's default partition too, for the timeline picture. Building
+# its forward and backward costs a sixth of the planning time, which a training compile need not spend.
+_simulate_reference: contextvars.ContextVar[bool] = contextvars.ContextVar("fxmem_simulate_reference", default=False)
+
+
+@contextlib.contextmanager
+def simulating_reference() -> Iterator[None]:
+    """Within this, each report's ``reference_timeline`` is simulated (else it is None)."""
+    token = _simulate_reference.set(True)
+    try:
+        yield
+    finally:
+        _simulate_reference.reset(token)
 
 
 class InfeasibleBudget(ValueError):
@@ -89,34 +105,48 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 @dataclass
 class Reference:
-    """torch.compile's default partition of a joint graph: its forward and backward (fxmem's fallback),
-    what they save in bytes (parameters excluded) and their simulated memory timeline. ``error`` is why
-    PyTorch's partitioner failed, if it did."""
+    """torch.compile's default partition of the joint graph ``gm``: what its forward saves in bytes
+    (parameters excluded) and, built on first use, its forward and backward (fxmem's fallback) and their
+    simulated memory. ``error`` is why PyTorch's partitioner failed, if it did."""
 
-    fw: fx.GraphModule | None = None
-    bw: fx.GraphModule | None = None
+    gm: fx.GraphModule
+    num_fwd_outputs: int
+    static_indices: list[int]
+    codegen: str
     saved_bytes: int | None = None
-    timeline: Timeline | None = None
     error: Exception | None = None
+    _split: tuple[fx.GraphModule, fx.GraphModule] | None = None
+
+    def split(self) -> tuple[fx.GraphModule, fx.GraphModule]:
+        """PyTorch's forward and backward: planning needs only what they save, so they are built only when
+        fxmem falls back or ``fxmem.inspect`` simulates them."""
+        if self._split is None:
+            self._split = _compat.min_cut_rematerialization_partition(
+                self.gm, [], compiler="inductor", num_fwd_outputs=self.num_fwd_outputs,
+                static_lifetime_input_indices=self.static_indices,
+            )  # fmt: skip
+        return self._split
+
+    def timeline(self) -> Timeline | None:
+        try:
+            fw, bw = self.split()
+            static = static_vals(self.gm, self.static_indices)
+            return simulate(fw, bw, self.num_fwd_outputs, static, fused=self.codegen == "inductor")
+        except Exception as err:  # the reference is advisory
+            log.info("fxmem: could not simulate the default partitioner's plan: %s", err)
+            return None
 
 
-def reference_plan(
-    gm: fx.GraphModule,
-    joint_inputs: Sequence[object],
-    num_fwd_outputs: int,
-    static_indices: list[int],
-    codegen: str,
-) -> Reference:
-    """PyTorch's default partition of ``gm``, which it consumes (it rewrites the graph it is given)."""
-    reference = Reference()
-    static = static_vals(gm, static_indices)
+def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: list[int], codegen: str) -> Reference:
+    """What PyTorch's default partition of ``gm`` saves. Its partitioner prepares ``gm`` (CSE, tags), so
+    from then on ``gm`` belongs to the reference."""
+    reference = Reference(gm, num_fwd_outputs, static_indices, codegen)
     try:
-        reference.fw, reference.bw = _compat.min_cut_rematerialization_partition(
-            gm, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
-            static_lifetime_input_indices=static_indices,
-        )  # fmt: skip
-        reference.saved_bytes = predicted_saved_bytes(reference.fw, num_fwd_outputs, static, codegen=codegen)
-        reference.timeline = simulate(reference.fw, reference.bw, num_fwd_outputs, static, fused=codegen == "inductor")
+        chosen = _compat.default_saved_values(
+            gm, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_indices
+        )
+        saved = read_by_backward(gm, chosen, num_fwd_outputs)
+        reference.saved_bytes = saved_bytes(gm, saved, static_vals(gm, static_indices), codegen=codegen)
     except Exception as err:  # the reference is advisory: planning goes on without it
         log.info("fxmem: could not compute the default partitioner's plan: %s", err)
         reference.error = err
@@ -155,7 +185,7 @@ def partition(
     reference = None
     try:
         own = _copy(gm)  # fxmem plans on a copy: PyTorch's partitioner consumes gm for the reference
-        reference = _recorded_reference(report, gm, joint_inputs, num_fwd_outputs, static, config.codegen)
+        reference = _recorded_reference(report, gm, num_fwd_outputs, static, config.codegen)
         fw, bw = _plan_and_split(own, num_fwd_outputs, static, config, reference.saved_bytes, report)
     except InfeasibleBudget:
         raise
@@ -164,10 +194,8 @@ def partition(
         log.warning("fxmem: graph %d falls back to PyTorch's partitioner: %s", graph_id, reason)
         report.fallback_reason = reason
         if reference is None:  # the copy failed, so gm is untouched
-            reference = _recorded_reference(report, gm, joint_inputs, num_fwd_outputs, static, config.codegen)
-        if reference.fw is None or reference.bw is None:  # PyTorch's own partitioner fails on this graph too
-            raise reference.error from err
-        fw, bw = reference.fw, reference.bw
+            reference = _recorded_reference(report, gm, num_fwd_outputs, static, config.codegen)
+        fw, bw = reference.split()  # raises where PyTorch's own partitioner fails on this graph too
         report.predicted_saved_bytes = reference.saved_bytes
     report.partition_time_s = time.perf_counter() - started
     record_report(report, on_report)
@@ -175,12 +203,13 @@ def partition(
 
 
 def _recorded_reference(
-    report: GraphReport, gm: fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
-    static: list[int], codegen: str,
-) -> Reference:  # fmt: skip
+    report: GraphReport, gm: fx.GraphModule, num_fwd_outputs: int, static: list[int], codegen: str
+) -> Reference:
     started = time.perf_counter()
-    reference = reference_plan(gm, joint_inputs, num_fwd_outputs, static, codegen)
-    report.reference_saved_bytes, report.reference_timeline = reference.saved_bytes, reference.timeline
+    reference = reference_plan(gm, num_fwd_outputs, static, codegen)
+    report.reference_saved_bytes = reference.saved_bytes
+    if _simulate_reference.get():
+        report.reference_timeline = reference.timeline()
     report.add_pass("reference", started, f"torch.compile's default saves {reference.saved_bytes} bytes")
     return reference
 

@@ -15,8 +15,10 @@ import torch
 
 import fxmem
 import fxmem.partitioner
+from fxmem import _compat
 from fxmem.capture import UnsupportedGraph
 from fxmem.compiler import FxmemCompiler
+from fxmem.memory import predicted_saved_bytes, static_vals
 from fxmem.partitioner import InfeasibleBudget
 from tests.helpers import (
     TINY_PRESETS,
@@ -417,8 +419,9 @@ def _count_calls(monkeypatch, fail: bool = False) -> list[int]:
     return calls
 
 
-def test_fallback_reuses_the_reference_partition(monkeypatch):
-    """The fallback is the partition PyTorch already made for the reference: its partitioner runs once."""
+def test_fallback_splits_the_graph_the_reference_prepared(monkeypatch):
+    """The reference stops PyTorch's partitioner once it has chosen what to save; the fallback runs it
+    again, whole, on the graph that first run prepared, and saves what the reference predicted."""
     calls = _count_calls(monkeypatch)
     monkeypatch.setattr(fxmem.partitioner, "capture", _raising(UnsupportedGraph("test reason")))
     _, grads_ref, _ = eager_step("mlp")
@@ -426,8 +429,35 @@ def test_fallback_reuses_the_reference_partition(monkeypatch):
     backend = fxmem.backend(codegen="eager")
     _, grads, saved = run_step(model, inputs, backend)
     assert rel_err(grads, grads_ref) <= EAGER_TOL
-    assert len(calls) == 1
-    assert saved == backend.reports[0].predicted_saved_bytes
+    assert len(calls) == 2
+    assert saved == backend.reports[0].predicted_saved_bytes == backend.reports[0].reference_saved_bytes
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+@pytest.mark.parametrize("case", TINY_PRESETS, ids=_id)
+def test_reference_bytes_are_those_of_pytorchs_split(case, codegen):
+    """The reference reads its bytes off the values PyTorch's partitioner chooses, without building the
+    split; the forward of the split, once built, saves exactly those bytes."""
+    joints = []
+
+    def record(gm, joint_inputs, **kwargs):
+        joints.append((copy.deepcopy(gm), kwargs))
+        return _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+
+    def nop(gm, _inputs):
+        return _compat.make_boxed_func(gm.forward)
+
+    backend = _compat.aot_autograd(
+        fw_compiler=nop, bw_compiler=nop, partition_fn=record, decompositions=_compat.inductor_decompositions()
+    )
+    model, inputs = build(*case)
+    torch.compile(model, backend=backend)(*inputs)
+    assert joints
+    for gm, kwargs in joints:
+        outputs, static = kwargs["num_fwd_outputs"], list(kwargs.get("static_lifetime_input_indices") or [])
+        reference = fxmem.partitioner.reference_plan(gm, outputs, static, codegen)
+        fw, _ = reference.split()
+        assert reference.saved_bytes == predicted_saved_bytes(fw, outputs, static_vals(gm, static), codegen=codegen)
 
 
 def test_plans_without_a_reference_when_pytorchs_partitioner_fails(monkeypatch):

@@ -225,6 +225,18 @@ def test_timeline(inspected):
     assert estimated.budget_bytes == pytest.approx(graph.budget_bytes)
 
 
+def test_training_reports_draw_the_estimate():
+    """A training compile does not build torch.compile's split just to simulate it (only inspect does), so
+    the picture of its reports is the estimate for both curves, which stay comparable."""
+    model, inputs = models.gpt.build("tiny")
+    backend = fxmem.backend(memory_budget=0.4, codegen="eager")
+    torch.compile(model, backend=backend)(*inputs).backward()
+    (graph,) = backend.reports
+    assert graph.timeline is not None and graph.reference_timeline is None
+    timeline = Report(backend.reports).timeline()
+    assert timeline.source == "estimate" and timeline.reference and timeline.fxmem
+
+
 @pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG\r\n\x1a\n"), (".svg", b"<svg")])
 def test_plot_timeline(inspected, tmp_path, suffix, magic):
     pytest.importorskip("matplotlib")

@@ -21,6 +21,7 @@ import torch
 from fxmem import _compat
 from fxmem.inspection import dot, explain, plot, schema, table
 from fxmem.inspection.timeline import Timeline, build_timeline
+from fxmem.partitioner import simulating_reference
 from fxmem.report import GraphReport, TensorRow, reports
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
             _compat.compile_caches_off(),  # a compile served from a cache would leave no report
             torch.random.fork_rng(device_type=_device_type(original, example_inputs)),
             torch.enable_grad(),
+            simulating_reference(),  # for the timeline picture
         ):
             output = compiled(*example_inputs)
     except Exception as err:

@@ -2,10 +2,11 @@
 
 When every graph's report carries the simulator's timelines (``GraphReport.timeline`` and
 ``reference_timeline``: live bytes after each node of the forward, then of the backward, parameters
-included), the curves are those. Otherwise they are a liveness estimate from the report's rows, counting
-saved activations only: the forward produces the candidate tensors in row order and holds what the plan
-stores; the backward reads them in reverse order and frees each after its use. torch.compile's default
-holds the same tensors at full size, scaled so that its total matches ``reference_saved_bytes``.
+included; only ``fxmem.inspect`` simulates the reference), the curves are those. Otherwise they are a
+liveness estimate from the report's rows, counting saved activations only: the forward produces the
+candidate tensors in row order and holds what the plan stores; the backward reads them in reverse order
+and frees each after its use. torch.compile's default holds the same tensors at full size, scaled so that
+its total matches ``reference_saved_bytes``.
 
 Graphs split by graph breaks run their forwards in order and their backwards in reverse order: each runs on
 top of the other graphs' parameters and the tensors the earlier graphs saved.
@@ -52,13 +53,12 @@ class _Block:
 
 
 def build_timeline(graphs: Sequence[GraphReport]) -> Timeline:
-    fx_sim = [_simulated(getattr(g, "timeline", None), g.predicted_saved_bytes) for g in graphs]
-    if graphs and all(b is not None for b in fx_sim):
-        ref_sim = [_simulated(getattr(g, "reference_timeline", None), g.reference_saved_bytes) for g in graphs]
+    fx_sim = [_simulated(g.timeline, g.predicted_saved_bytes) for g in graphs]
+    ref_sim = [_simulated(g.reference_timeline, g.reference_saved_bytes) for g in graphs]
+    if graphs and all(b is not None for b in fx_sim + ref_sim):
         timeline = Timeline(source="simulated")
         timeline.fxmem, timeline.backward_start = _compose(fx_sim)  # type: ignore[arg-type]
-        if all(b is not None for b in ref_sim):
-            timeline.reference, _ = _compose(ref_sim)  # type: ignore[arg-type]
+        timeline.reference, _ = _compose(ref_sim)  # type: ignore[arg-type]
         static = sum(b.static for b in fx_sim)  # type: ignore[union-attr]
         _budget_line(timeline, graphs, static)
         return timeline
