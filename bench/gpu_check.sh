@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check in one command: GPU-only tests, the GPT-2 small matrix, a ResNet matrix, then the
-# comparison tables and the target checks (P1-P4), printed last. Runs from a plain checkout (fxmem need
-# not be installed) in about 8 minutes; results, plots and logs go to $OUT (default ./out).
+# The GPU check in one command: GPU-only tests, private-torch checks on this torch, the GPT-2 small
+# matrix, a ResNet matrix, then the comparison tables and the target checks (P1-P4), printed last. Runs
+# from a plain checkout (fxmem need not be installed) in about 8 minutes; results, plots and logs go to
+# $OUT (default ./out).
 #
 #   bash bench/gpu_check.sh          # CUDA: gpt2_small + resnet18, bf16 autocast
 #   bash bench/gpu_check.sh --cpu    # the same flow on tiny presets in fp32, for a machine without a GPU
@@ -71,6 +72,19 @@ else
         5) echo "== gpu tests: none collected" ;;
         124) echo "== gpu tests: TIMED OUT after 90 s (log: $OUT/gpu_tests.log)" ;;
         *) echo "== gpu tests: FAILED (status $status)"; tail -n 25 "$OUT/gpu_tests.log" ;;
+    esac
+fi
+
+# 1b. The private-torch checks on this machine's torch (CI runs another version): the reference's
+# stopped partition and the fallback, on CPU, about 20 s.
+if [ "$MODE" != cpu ] && $PY -m pytest --version >/dev/null 2>&1; then
+    timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_backend.py -k "reference or fallback" \
+        >"$OUT/torch_compat_tests.log" 2>&1
+    status=$?
+    case $status in
+        0) echo "== torch $TORCH compat tests: passed ($(tail -n 1 "$OUT/torch_compat_tests.log"))" ;;
+        124) echo "== torch $TORCH compat tests: TIMED OUT after 90 s (log: $OUT/torch_compat_tests.log)" ;;
+        *) echo "== torch $TORCH compat tests: FAILED (status $status)"; tail -n 25 "$OUT/torch_compat_tests.log" ;;
     esac
 fi
 
