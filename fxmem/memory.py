@@ -65,8 +65,8 @@ def copied_conv_weights(gm: fx.GraphModule) -> set[fx.Node]:
     return copied
 
 
-def _layout_copies(fw: fx.GraphModule, saved: list[fx.Node]) -> int:
-    copied = copied_conv_weights(fw)
+def _layout_copies(gm: fx.GraphModule, saved: list[fx.Node]) -> int:
+    copied = copied_conv_weights(gm)
     vals = [node.meta["val"] for node in saved if node in copied]
     return sum(_compat.hint(val.numel()) * val.dtype.itemsize for val in vals)
 
