@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fxmem import _compat  # noqa: E402
+from fxmem.bench.measure import joint_graphs  # noqa: E402
 from fxmem.config import FxmemConfig  # noqa: E402
 from fxmem.partitioner import FxmemPartitioner  # noqa: E402
 
@@ -42,21 +43,7 @@ def capture_joint(spec: str) -> tuple[Any, list, dict]:
     """``(joint graph, joint inputs, partitioner kwargs)`` of one training step of ``name:preset``."""
     name, _, preset = spec.partition(":")
     model, inputs = importlib.import_module(f"models.{name}").build(preset or "tiny", device="meta")
-    captured: list[tuple[Any, list, dict]] = []
-
-    def record(gm, joint_inputs, **kwargs):
-        captured.append((copy.deepcopy(gm), list(joint_inputs), dict(kwargs)))
-        return _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-
-    def nop(gm, _inputs):
-        return _compat.make_boxed_func(gm.forward)
-
-    backend = _compat.aot_autograd(
-        fw_compiler=nop, bw_compiler=nop, partition_fn=record, decompositions=_compat.inductor_decompositions()
-    )
-    torch._dynamo.reset()
-    torch.compile(model, backend=backend)(*inputs)
-    (joint,) = captured
+    (joint,) = joint_graphs(model, inputs)
     return joint
 
 

@@ -15,7 +15,7 @@ import torch
 
 import fxmem
 import fxmem.partitioner
-from fxmem import _compat
+from fxmem.bench.measure import joint_graphs
 from fxmem.capture import UnsupportedGraph
 from fxmem.compiler import FxmemCompiler
 from fxmem.memory import predicted_saved_bytes, static_vals
@@ -438,22 +438,9 @@ def test_fallback_splits_the_graph_the_reference_prepared(monkeypatch):
 def test_reference_bytes_are_those_of_pytorchs_split(case, codegen):
     """The reference reads its bytes off the values PyTorch's partitioner chooses, without building the
     split; the forward of the split, once built, saves exactly those bytes."""
-    joints = []
-
-    def record(gm, joint_inputs, **kwargs):
-        joints.append((copy.deepcopy(gm), kwargs))
-        return _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-
-    def nop(gm, _inputs):
-        return _compat.make_boxed_func(gm.forward)
-
-    backend = _compat.aot_autograd(
-        fw_compiler=nop, bw_compiler=nop, partition_fn=record, decompositions=_compat.inductor_decompositions()
-    )
-    model, inputs = build(*case)
-    torch.compile(model, backend=backend)(*inputs)
+    joints = joint_graphs(*build(*case))
     assert joints
-    for gm, kwargs in joints:
+    for gm, _, kwargs in joints:
         outputs, static = kwargs["num_fwd_outputs"], list(kwargs.get("static_lifetime_input_indices") or [])
         reference = fxmem.partitioner.reference_plan(gm, outputs, static, codegen)
         fw, _ = reference.split()

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["SavedTensors", "add_note", "grad_error", "has_dropout", "reference_grads"]
+__all__ = ["SavedTensors", "add_note", "grad_error", "has_dropout", "joint_graphs", "reference_grads"]
 
 
 class SavedTensors:
@@ -102,3 +102,30 @@ def grad_error(model: Any, reference: dict[str, Any]) -> float:
         diff = (p.grad.detach().float() - ref.detach().float()).abs().max().item()
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+def joint_graphs(model: Any, inputs: Any) -> list[tuple[Any, list, dict]]:
+    """The joint graphs of one training step of ``model(*inputs)`` as a partitioner receives them, with
+    Inductor's decompositions (the graphs fxmem plans): ``(graph, joint inputs, partitioner kwargs)`` each,
+    the graph a copy taken before PyTorch's partitioner splits it (the step runs without fxmem)."""
+    import copy
+
+    import torch
+
+    from fxmem import _compat
+
+    captured: list[tuple[Any, list, dict]] = []
+
+    def record(gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
+        captured.append((copy.deepcopy(gm), list(joint_inputs), dict(kwargs)))
+        return _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+
+    def nop(gm: Any, _inputs: Any) -> Any:
+        return _compat.make_boxed_func(gm.forward)
+
+    backend = _compat.aot_autograd(
+        fw_compiler=nop, bw_compiler=nop, partition_fn=record, decompositions=_compat.inductor_decompositions()
+    )
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(*inputs)
+    return captured
