@@ -138,6 +138,14 @@ def fwd_bwd_outputs(joint_module: fx.GraphModule, num_fwd_outputs: int) -> tuple
     return list(fwd_outputs), list(bwd_outputs)
 
 
+def partitioner_replaces_graph() -> bool:
+    """Whether PyTorch's min-cut partitioner builds a new graph (its CSE pass) before it tags or changes any
+    node: the graph it was given then stays as it came, but for its dead code, which is removed."""
+    from torch._functorch import config as functorch_config
+
+    return bool(functorch_config.cse)
+
+
 class _SavedValuesChosen(Exception):
     def __init__(self, saved_values: list[fx.Node]):
         super().__init__("PyTorch's partitioner chose its saved values")
@@ -189,6 +197,13 @@ def extract_fwd_bwd_modules(
     if "saved_opaque_nodes" in _EXTRACT_PARAMS:
         kwargs["saved_opaque_nodes"] = []
     return _partitioners._extract_fwd_bwd_modules(joint_module, saved_values, **kwargs)
+
+
+def module_around(root: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """A graph module for ``graph`` taking its attributes from ``root``, lazy (code generated on first
+    use) where ``root`` is."""
+    cls = _LazyGraphModule if isinstance(root, _LazyGraphModule) else fx.GraphModule
+    return cls(root, graph)
 
 
 @contextlib.contextmanager

@@ -447,6 +447,36 @@ def test_reference_bytes_are_those_of_pytorchs_split(case, codegen):
         assert reference.saved_bytes == predicted_saved_bytes(fw, outputs, static_vals(gm, static), codegen=codegen)
 
 
+def _planned_on(graph: torch.fx.Graph) -> bool:
+    return any("fxmem" in node.meta for node in graph.nodes)
+
+
+def test_plans_on_the_graph_pytorchs_cse_replaced():
+    """PyTorch's partitioner gives the reference a new graph (its CSE) before it tags any node: fxmem plans
+    on the graph it replaced, with no copy, and leaves the reference's for a fallback."""
+    ((gm, joint_inputs, kwargs),) = joint_graphs(*build("mlp"))
+    given = gm.graph
+    fxmem.partitioner.FxmemPartitioner(fxmem.FxmemConfig(codegen="eager"))(gm, joint_inputs, **kwargs)
+    assert gm.graph is not given
+    assert _planned_on(given) and not _planned_on(gm.graph)
+
+
+def test_copies_the_graph_when_pytorchs_cse_is_off(monkeypatch):
+    """Without CSE, PyTorch's partitioner tags the graph it is given: fxmem copies it before, plans on the
+    copy, and the gradients are those of eager."""
+    order: list[str] = []
+    for name in ("_copy", "reference_plan"):
+        real = getattr(fxmem.partitioner, name)
+        spy = lambda *args, _real=real, _name=name: order.append(_name) or _real(*args)  # noqa: E731
+        monkeypatch.setattr(fxmem.partitioner, name, spy)
+    _, grads_ref, _ = eager_step("mlp")
+    with torch._functorch.config.patch(cse=False):
+        model, inputs = build("mlp")
+        _, grads, _ = run_step(model, inputs, fxmem.backend(codegen="eager"))
+    assert order == ["_copy", "reference_plan"]
+    assert rel_err(grads, grads_ref) <= EAGER_TOL
+
+
 def test_plans_without_a_reference_when_pytorchs_partitioner_fails(monkeypatch):
     """PyTorch's partitioner failing costs only the reference: a None or absolute budget is still planned."""
     _count_calls(monkeypatch, fail=True)
