@@ -125,9 +125,14 @@ def _is_collective(target: Any) -> bool:
 
 
 def _tensor_facts(node: fx.Node, val: torch.Tensor, owner: str) -> TensorFacts:
-    shape = tuple(_compat.symbolic_expr(d) for d in val.shape)
-    shape_hint = tuple(_compat.hint(d) for d in val.shape)
-    stride_hint = tuple(_compat.hint(s) for s in val.stride())
+    size, stride = tuple(val.shape), val.stride()
+    if all(type(d) is int for d in (*size, *stride)):  # static sizes: no symbols to read (most graphs)
+        shape = shape_hint = size
+        stride_hint = stride
+    else:
+        shape = tuple(_compat.symbolic_expr(d) for d in size)
+        shape_hint = tuple(_compat.hint(d) for d in size)
+        stride_hint = tuple(_compat.hint(s) for s in stride)
     # Dense: some permutation of the dims is contiguous (covers channels-last and transposes).
     order = sorted(range(len(shape_hint)), key=lambda i: (stride_hint[i], shape_hint[i]))
     expected, dense = 1, True
@@ -142,7 +147,7 @@ def _tensor_facts(node: fx.Node, val: torch.Tensor, owner: str) -> TensorFacts:
     elif dense:
         span, span_expr = math.prod(shape_hint), math.prod(shape)
     else:
-        strides = [_compat.symbolic_expr(s) for s in val.stride()]
+        strides = [_compat.symbolic_expr(s) for s in stride]
         span = 1 + sum((d - 1) * s for d, s in zip(shape_hint, stride_hint, strict=True))
         span_expr = 1 + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
     itemsize = val.dtype.itemsize
@@ -259,8 +264,9 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
 
     joint = JointGraph(gm, num_fwd_outputs, forward, backward, list(required), static_inputs)
     owners: dict[Any, str] = {}
+    value_bytes: dict[fx.Node, float] = {}
     for node in forward:
-        joint.facts[node] = _node_facts(node, static_inputs, owners, joint.facts)
+        joint.facts[node] = _node_facts(node, static_inputs, owners, joint.facts, value_bytes)
         node.meta["fxmem"] = joint.facts[node]
     _mark_normalisation_inputs(joint)
     _mark_extreme_values(joint)
@@ -391,8 +397,14 @@ def _view_base(node: fx.Node) -> fx.Node | None:
 
 
 def _node_facts(
-    node: fx.Node, static_inputs: set[fx.Node], owners: dict[Any, str], known: dict[fx.Node, NodeFacts]
+    node: fx.Node,
+    static_inputs: set[fx.Node],
+    owners: dict[Any, str],
+    known: dict[fx.Node, NodeFacts],
+    value_bytes: dict[fx.Node, float],
 ) -> NodeFacts:
+    """``known``, ``owners`` and ``value_bytes`` hold what the forward nodes before this one found (its
+    inputs among them: a forward node reads only forward nodes); this adds its own."""
     val = _val(node)
     tensor = None
     is_view = False
@@ -430,13 +442,13 @@ def _node_facts(
     if node.op == "call_function" and not is_sym and tensor is None and not isinstance(val, (list, tuple)):
         if node.users:
             raise UnsupportedGraph(f"node {node.name} ({_op_name(node)}) has no tensor metadata")
-    args_vals = [a.meta.get("val") for a in node.all_input_nodes]
+    value_bytes[node] = _bytes_of(val)
     return NodeFacts(
         name=node.name,
         kind=kind,
         tensor=tensor,
         flops=_flops(node) if node.op == "call_function" else 0.0,
-        bytes_moved=_bytes_of(val) + sum(_bytes_of(v) for v in args_vals),
+        bytes_moved=value_bytes[node] + sum(value_bytes[a] for a in node.all_input_nodes),
         can_recompute=can_recompute,
         can_save=can_save,
         quantizable=True,  # this and norm_input are set by _mark_normalisation_inputs once users are known
