@@ -9,7 +9,12 @@ codegen and Inductor see it) and both partitioners then split private copies of 
   solve, rewrite and simulate), planning for the ``--device`` profile, ``quantize="none"``.
 
 Times are the median of ``--repeats`` runs per budget, each on a fresh copy of the graph (not timed), after a
-full garbage collection and with lazy graph modules, as inside ``torch.compile``.
+full garbage collection and with lazy graph modules, as inside ``torch.compile``. Each run is charged its
+work and the collection of what it allocated: the collector is off while a partitioner runs and collects
+the young generation (everything the run allocated that is still tracked) right after, timed. With the
+collector on, a collection fires whenever allocations since the last one cross a threshold, so where they
+fall, and which run pays for a garbage graph, would be luck: PyTorch's partitioner leaves its garbage to
+whatever runs next, and fxmem's pass, which pauses the collector, collects its own before it returns.
 
     python bench/planning_time.py                                  # GPT-2 small, 8x1024 (about a minute)
     python bench/planning_time.py --model gpt:tiny --budgets 0.5
@@ -56,17 +61,26 @@ def _fxmem_partition(gm: Any, joint_inputs: list, kwargs: dict, partitioner: Fxm
     partitioner(gm, joint_inputs, **kwargs)
 
 
-def _median_s(repeats: int, fn: Callable[..., None], gm: Any, *args: Any) -> float:
-    """The median time of ``fn(copy of gm, *args)``: each run partitions a fresh copy (made untimed)."""
-    times = []
+def _median_s(repeats: int, fn: Callable[..., None], gm: Any, *args: Any) -> tuple[float, float]:
+    """The median time of ``fn(copy of gm, *args)`` with the collection of what it allocated, and the
+    median of that collection alone: each run partitions a fresh copy (made untimed)."""
+    totals, collections = [], []
     for _ in range(repeats):
         with _compat.lazy_graph_modules():  # as inside torch.compile: modules generate code only when run
             fresh = copy.deepcopy(gm)
-            gc.collect()  # each run starts from a collected heap, so when collections fall is not luck
-            started = time.perf_counter()
-            fn(fresh, *args)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            gc.collect()
+            gc.disable()
+            try:
+                started = time.perf_counter()
+                fn(fresh, *args)
+                collecting = time.perf_counter()
+                gc.collect(0)  # with the collector off, all the run allocated is in the young generation
+                done = time.perf_counter()
+            finally:
+                gc.enable()
+            totals.append(done - started)
+            collections.append(done - collecting)
+    return statistics.median(totals), statistics.median(collections)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,22 +96,30 @@ def main(argv: list[str] | None = None) -> int:
     gm, joint_inputs, kwargs = capture_joint(args.model)
     nodes = len(gm.graph.nodes)
     print(f"{args.model}: joint graph of {nodes} nodes, traced on meta in {time.perf_counter() - started:.1f} s")
-    print(f"{'budget':>6s} {'torch s':>8s} {'fxmem s':>8s} {'ratio':>6s}   fxmem passes (s)")
+    header = f"{'budget':>6s} {'torch s':>8s} {'fxmem s':>8s} {'ratio':>6s}"
+    print(f"{header}   fxmem passes, then each side's collection (s)")
     rows = []
     for budget in args.budgets:
         partitioner = FxmemPartitioner(FxmemConfig(memory_budget=budget, device=args.device, codegen="eager"))
         reports: list = []
         partitioner.on_report = reports.append
 
-        torch_s = _median_s(args.repeats, _torch_partition, gm, joint_inputs, kwargs, budget)
-        fxmem_s = _median_s(args.repeats, _fxmem_partition, gm, joint_inputs, kwargs, partitioner)
+        torch_s, torch_collect_s = _median_s(args.repeats, _torch_partition, gm, joint_inputs, kwargs, budget)
+        fxmem_s, fxmem_collect_s = _median_s(args.repeats, _fxmem_partition, gm, joint_inputs, kwargs, partitioner)
         passes: dict[str, float] = {}
         for record in reports[-1].passes:
             passes[record.name] = passes.get(record.name, 0.0) + record.seconds
-        row = {"budget": budget, "torch_s": torch_s, "fxmem_s": fxmem_s, "ratio": fxmem_s / torch_s, "passes": passes}
+        row = {
+            "budget": budget, "torch_s": torch_s, "fxmem_s": fxmem_s, "ratio": fxmem_s / torch_s, "passes": passes,
+            "torch_collect_s": torch_collect_s, "fxmem_collect_s": fxmem_collect_s,
+        }  # fmt: skip
         rows.append(row)
-        detail = ", ".join(f"{k} {v:.2f}" for k, v in passes.items())
-        print(f"{budget:6.2f} {torch_s:8.2f} {fxmem_s:8.2f} {row['ratio']:6.2f}   {detail}", flush=True)
+        detail = ", ".join(f"{k} {v:.3f}" for k, v in passes.items())
+        print(
+            f"{budget:6.2f} {torch_s:8.3f} {fxmem_s:8.3f} {row['ratio']:6.2f}   {detail}; "
+            f"collect torch {torch_collect_s:.3f}, fxmem {fxmem_collect_s:.3f}",
+            flush=True,
+        )
     if args.json:
         payload = {"model": args.model, "nodes": nodes, "torch": torch.__version__, "rows": rows}
         args.json.write_text(json.dumps(payload, indent=2))
