@@ -76,9 +76,9 @@ else
 fi
 
 # 1b. The private-torch checks on this machine's torch (CI runs another version): the reference's
-# stopped partition and the fallback, on CPU, about 20 s.
+# stopped partition, the graph its CSE leaves fxmem, and the fallback, on CPU, about 20 s.
 if [ "$MODE" != cpu ] && $PY -m pytest --version >/dev/null 2>&1; then
-    timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_backend.py -k "reference or fallback" \
+    timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_backend.py -k "reference or fallback or cse" \
         >"$OUT/torch_compat_tests.log" 2>&1
     status=$?
     case $status in
