@@ -190,7 +190,8 @@ def partition(
         own = None if _compat.partitioner_replaces_graph() else _copy(gm)
         given = gm.graph
         reference = _recorded_reference(report, gm, num_fwd_outputs, static, config.codegen)
-        own = own or _graph_left_by_reference(gm, given)
+        if own is None:
+            own = _graph_left_by_reference(gm, given)
         fw, bw = _plan_and_split(own, num_fwd_outputs, static, config, reference.saved_bytes, report)
     except InfeasibleBudget:
         raise
@@ -285,7 +286,7 @@ def _plan_and_split(
     reference: int | None,
     report: GraphReport,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """fxmem's forward and backward for ``gm``, a private copy of the joint graph (it is rewritten)."""
+    """fxmem's forward and backward for ``gm``, a joint graph of fxmem's own (it is rewritten)."""
     budget = config.memory_budget
     if isinstance(budget, int):
         attempt = _fit_peak(gm, num_fwd_outputs, static, config, reference, report, budget)

@@ -3,7 +3,7 @@
 The forward saves exactly the plan's saved nodes; a quantized node is replaced, for its backward readers
 only, by quantize nodes in the forward (whose payload is saved) and dequantize nodes in the backward.
 Every node the backward recomputes, and every dequantize, is placed right before its first use, so the
-backward's transient memory stays small. The joint graph passed in is a private copy: this module
+backward's transient memory stays small. The joint graph passed in is fxmem's own: this module
 mutates it.
 """
 
@@ -171,8 +171,8 @@ def split(
         static_lifetime_input_nodes=joint.static_inputs,
     )
     _check_backward_inputs(bw, saved, saved_sym)
-    # PyTorch's extraction removed the dead code and checked both graphs; reordering the backward copies
-    # only the nodes its outputs need, so it is checked again.
+    # PyTorch's extraction removed the dead code and linted both graphs. The reordering rebuilds the
+    # backward (copying only what its outputs and impure nodes need), so that graph is linted again.
     bw = place_recompute_late(bw)
     bw.graph.lint()
     return fw, bw, saved
