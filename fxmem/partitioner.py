@@ -157,7 +157,7 @@ def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: lis
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
-    """Planning makes many short-lived cycles (graph copies, nodes and their users), enough to set off
+    """Planning makes many short-lived cycles (graphs, their nodes and users), enough to set off
     full collections of a heap that holds torch's modules, 0.2 s each on a small CPU, more than the
     planning itself: the collector waits until the partition is done."""
     was_enabled = gc.isenabled()
