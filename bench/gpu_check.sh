@@ -76,9 +76,11 @@ else
 fi
 
 # 1b. The private-torch checks on this machine's torch (CI runs another version): the reference's
-# stopped partition, the graph its CSE leaves fxmem, and the fallback, on CPU, about 20 s.
+# stopped partition, the graph its CSE leaves fxmem, the fallback, and the eager codegen's use of
+# Inductor's joint-graph passes, on CPU, about 30 s.
 if [ "$MODE" != cpu ] && $PY -m pytest --version >/dev/null 2>&1; then
-    timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_backend.py -k "reference or fallback or cse" \
+    timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_backend.py tests/test_eager_codegen.py \
+        -k "reference or fallback or cse or test_eager_codegen" \
         >"$OUT/torch_compat_tests.log" 2>&1
     status=$?
     case $status in

@@ -47,6 +47,7 @@ __all__ = [
     "force_save",
     "hint",
     "inductor_decompositions",
+    "inductor_joint_graph_passes",
     "inductor_layout_opt",
     "is_primal",
     "is_sym_node",
@@ -85,6 +86,29 @@ def inductor_decompositions() -> dict[Any, Any]:
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
+
+
+def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Inductor's passes over the joint graph, which it runs before partitioning (no-op removal, constant
+    folding of uniform tensors, pattern rewrites): the eager codegen runs them too, so that both codegens
+    plan, and measure torch.compile's default on, the same graph. Random ops are left alone (the eager
+    codegen draws eager's random numbers). Off where Inductor's ``use_joint_graph_passes`` is off."""
+    from torch._inductor import config
+    from torch._inductor.fx_passes.joint_graph import joint_graph_passes
+
+    if not getattr(config, "use_joint_graph_passes", True):
+        return gm
+    kwargs = {}
+    if "input_device" in inspect.signature(joint_graph_passes).parameters:  # newer releases take it
+        devices = [v.device for v in _placeholder_values(gm) if isinstance(v, torch.Tensor)]
+        kwargs["input_device"] = next((d for d in devices if d.type != "meta"), None)
+    with config.patch(fallback_random=True, pattern_matcher=False):
+        out = joint_graph_passes(gm, **kwargs)
+    return gm if out is None else out
+
+
+def _placeholder_values(gm: fx.GraphModule) -> list[Any]:
+    return [node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder")]
 
 
 def tensor_metadata(val: torch.Tensor) -> Any:

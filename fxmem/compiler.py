@@ -52,10 +52,13 @@ def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: Fxmem
         _compat.generate_code(graph_module)  # so that ``forward`` is the generated code itself
         return _compat.make_boxed_func(graph_module.forward)
 
+    def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
+        return partitioner(_compat.inductor_joint_graph_passes(joint), joint_inputs, **kwargs)
+
     return _compat.aot_autograd(
         fw_compiler=run_graph,
         bw_compiler=run_graph,
-        partition_fn=partitioner,
+        partition_fn=partition,
         decompositions=_eager_decompositions(),
     )(gm, example_inputs)
 

@@ -7,7 +7,6 @@ marked ``slow``.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -141,6 +140,8 @@ def test_saved_bytes_at_most_default(case):
         model, inputs = build(*case)
         _, _, default_saved = run_step(model, inputs, "inductor")
         assert saved <= default_saved
+        # Fractional budgets are fractions of the reference: never more than what the default holds.
+        assert report.reference_saved_bytes <= default_saved
 
 
 @pytest.mark.slow
@@ -528,39 +529,3 @@ def test_a_buffer_mutated_in_forward_is_never_read_by_the_backward():
     assert model.steps.item() == eager.steps.item() == 1
     grads = [p.grad for p in model.parameters()]
     assert rel_err(grads, [p.grad for p in eager.parameters()]) <= EAGER_TOL
-
-
-@pytest.mark.parametrize("variant", ["affine", "no-affine", "no-running-stats", "batchnorm1d", "eval", "channels-last"])
-def test_batch_norm_backward_kept_whole_matches_eager(variant):
-    """The eager codegen keeps batch norm's backward as one op in training (traced without the running
-    statistics the forward updates in place); every variant gives eager's gradients and running stats."""
-    torch.manual_seed(0)
-    one_d = variant == "batchnorm1d"
-    norm = (torch.nn.BatchNorm1d if one_d else torch.nn.BatchNorm2d)(
-        6, affine=variant != "no-affine", track_running_stats=variant != "no-running-stats"
-    )
-    conv = (torch.nn.Conv1d if one_d else torch.nn.Conv2d)(3, 6, 3, bias=False)  # (a bias before a norm: grad ~0)
-    head = torch.nn.Linear(48 if one_d else 384, 2)
-    model = torch.nn.Sequential(conv, norm, torch.nn.ReLU(), torch.nn.Flatten(), head)
-    x = torch.randn(4, 3, 10) if one_d else torch.randn(4, 3, 10, 10)
-    if variant == "channels-last":
-        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    if variant == "eval":
-        model.eval()
-    twin = copy.deepcopy(model)
-    eager_loss, eager_grads, _ = run_step(_Loss(model), (x,))
-    torch._dynamo.reset()
-    loss, grads, _ = run_step(_Loss(twin), (x,), fxmem.backend(codegen="eager"))
-    assert rel_err(loss, eager_loss) < EAGER_TOL
-    assert rel_err(grads, eager_grads) < EAGER_TOL
-    for name, buffer in model.named_buffers():
-        torch.testing.assert_close(dict(twin.named_buffers())[name], buffer)
-
-
-class _Loss(torch.nn.Module):
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x).square().mean()
