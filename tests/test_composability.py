@@ -261,6 +261,39 @@ def test_graph_break_absolute_budget_applies_to_each_graph_not_the_total():
     assert fxmem.Report(reports).predicted_peak_bytes > budget
 
 
+# --- recurrent modules ---------------------------------------------------------------------------------------
+
+
+class _LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(torch.tanh(self.embed(x)))
+        return self.head(h).square().mean()
+
+
+def test_an_lstm_is_planned_once_dynamo_compiles_it():
+    """Dynamo runs a model holding an ``nn.LSTM`` eagerly unless ``allow_rnn`` is set, so no backend sees
+    it (fxmem makes no report); with it, the unrolled cells are one graph fxmem plans like any other."""
+    torch.manual_seed(0)
+    model, x = _LSTMNet(), torch.randn(8, 6, 8)
+    eager = copy.deepcopy(model)
+    eager(x).backward()
+    backend = fxmem.backend(memory_budget=0.4, codegen="eager", quantize="none")
+    torch.compile(copy.deepcopy(model), backend=backend)(x).backward()
+    assert backend.reports == []
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        torch.compile(model, backend=backend)(x).backward()
+    (report,) = _planned(backend, 1)
+    assert report.predicted_saved_bytes <= (0.4 + 0.02) * report.reference_saved_bytes
+    assert rel_err(_grads(model), _grads(eager)) <= EAGER_TOL
+
+
 # --- forward-only graphs ---------------------------------------------------------------------------------
 
 
