@@ -89,10 +89,11 @@ def inductor_decompositions() -> dict[Any, Any]:
 
 
 def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
-    """Inductor's passes over the joint graph, which it runs before partitioning (no-op removal, constant
-    folding of uniform tensors, pattern rewrites): the eager codegen runs them too, so that both codegens
-    plan, and measure torch.compile's default on, the same graph. Random ops are left alone (the eager
-    codegen draws eager's random numbers). Off where Inductor's ``use_joint_graph_passes`` is off."""
+    """Inductor's clean-up of the joint graph before it partitions (no-op copies and aliases removed,
+    uniform tensors folded), for the eager codegen, so that both codegens plan, and measure
+    torch.compile's default on, the same graph. Without the pass's pattern rewrites (slow to match, and
+    on the models tried they changed no default's bytes) and its swap of random ops for Inductor's (the
+    eager codegen draws eager's numbers). Off where Inductor's ``use_joint_graph_passes`` is off."""
     from torch._inductor import config
     from torch._inductor.fx_passes.joint_graph import joint_graph_passes
 
@@ -100,15 +101,12 @@ def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     kwargs = {}
     if "input_device" in inspect.signature(joint_graph_passes).parameters:  # newer releases take it
-        devices = [v.device for v in _placeholder_values(gm) if isinstance(v, torch.Tensor)]
-        kwargs["input_device"] = next((d for d in devices if d.type != "meta"), None)
+        values = (node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder"))
+        devices = (v.device for v in values if isinstance(v, torch.Tensor) and v.device.type != "meta")
+        kwargs["input_device"] = next(devices, None)
     with config.patch(fallback_random=True, pattern_matcher=False):
         out = joint_graph_passes(gm, **kwargs)
     return gm if out is None else out
-
-
-def _placeholder_values(gm: fx.GraphModule) -> list[Any]:
-    return [node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder")]
 
 
 def tensor_metadata(val: torch.Tensor) -> Any:
