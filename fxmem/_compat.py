@@ -7,6 +7,7 @@ fix it here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from unittest import mock
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch._functorch import partitioners as _partitioners
 from torch._functorch._aot_autograd.descriptors import InputMutationAOTOutput
 from torch._functorch._aot_autograd.utils import _is_primal, _is_tangent
@@ -56,6 +58,7 @@ __all__ = [
     "min_cut_rematerialization_partition",
     "must_be_in_backward",
     "mutated_inputs",
+    "size_oblivious",
     "symbolic_expr",
     "tensor_metadata",
     "trace_with_decompositions",
@@ -116,7 +119,46 @@ def tensor_metadata(val: torch.Tensor) -> Any:
 
 def trace_with_decompositions(fn: Any, args: Any) -> fx.GraphModule:
     """``make_fx`` with Inductor's decompositions, so traced code matches the joint graph's op set."""
-    return make_fx(fn, decomposition_table=inductor_decompositions())(*args)
+    with size_oblivious(args):
+        return make_fx(fn, decomposition_table=inductor_decompositions())(*args)
+
+
+def size_oblivious(values: Any) -> Any:
+    """Where ``values`` (a tree of tensors and sizes) hold symbolic sizes: shape checks on them (is it
+    contiguous? is a size 1?) answered as for any size, without a guard, so code fxmem adds to a graph
+    serves every size, as the graph does, with no recompile. Where this release's size-oblivious tracing
+    would give a padded tensor's slice a size it cannot name (torch 2.11 does), checks guard as usual: a
+    recompile at sizes that fail them, never a lost plan."""
+    from torch.fx.experimental import _config as shapes_config
+
+    sizes = (d for v in pytree.tree_leaves(values) for d in (v.shape if isinstance(v, torch.Tensor) else (v,)))
+    if not any(isinstance(d, torch.SymInt) for d in sizes) or not _oblivious_slices_stay_backed():
+        return contextlib.nullcontext()
+    return shapes_config.patch(backed_size_oblivious=True)
+
+
+@functools.cache
+def _oblivious_slices_stay_backed() -> bool:
+    """Traced size-obliviously, does ``cat([x, pad])[:n]`` keep a size in ``x``'s symbols? (What every
+    codec does: pad to whole groups, quantize, cut back to ``n`` elements.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental import _config as shapes_config
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+        free_unbacked_symbols,
+    )
+
+    with unset_fake_temporarily():
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC])
+        x = mode.from_tensor(torch.empty(6), symbolic_context=context)
+        with mode, shapes_config.patch(backed_size_oblivious=True):
+            n = x.shape[0]
+            pad = (-n) % 4
+            cut = torch.cat([x, x[-1:].expand(pad)]).view((n + pad) // 4, 4).reshape(-1)[:n]
+        return not free_unbacked_symbols(cut.shape)
 
 
 @contextlib.contextmanager

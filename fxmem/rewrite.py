@@ -34,26 +34,34 @@ class Codec:
 
 
 def _layout(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.device
+    sizes = (*t.shape, *t.stride(), t.storage_offset())
+    return tuple(_compat.symbolic_expr(s) for s in sizes), t.dtype, t.device
 
 
 class _CodecTraces:
-    """The codec graphs traced for one split, by codec, step and the layouts of their arguments. Tracing
-    (``make_fx`` with Inductor's decompositions) costs far more than copying a graph, and tensors of one
-    layout recur (a dropout mask per layer), so each layout is traced once and copied where it recurs."""
+    """The codec graphs traced for one split, by codec and tensor layout. A codec is traced as one round
+    trip from the tensor (quantize, then dequantize to the tensor's shape and strides), so the dequantize
+    takes its sizes from the tensor: under dynamic shapes they are symbolic, and the graph serves every
+    size. Tracing (``make_fx`` with Inductor's decompositions) costs far more than copying a graph, and
+    tensors of one layout recur (a dropout mask per layer), so each layout is traced once and copied where
+    it recurs."""
 
     def __init__(self) -> None:
         self._graphs: dict[tuple, fx.GraphModule] = {}
 
-    def get(
-        self, key: tuple, fn: Callable[..., object], args: Sequence[torch.Tensor], fake_mode: Any
-    ) -> tuple[fx.GraphModule, bool]:
-        """The graph of ``fn`` on ``args``, and whether it was traced before (its values are another copy's)."""
-        key = (*key, *(_layout(a) for a in args))
+    def round_trip(self, codec: Codec, val: torch.Tensor, fake_mode: Any) -> tuple[fx.GraphModule, bool]:
+        """The graph from ``val`` to ``(*payload, dequantized)``, and whether it was traced before (its
+        values are another copy's)."""
+        key = (codec, _layout(val))
         if key in self._graphs:
             return self._graphs[key], True
+
+        def round_trip(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            payload = tuple(codec.encode(x))
+            return (*payload, codec.decode(payload, x))
+
         with fake_mode:
-            traced = self._graphs[key] = _compat.trace_with_decompositions(fn, args)
+            traced = self._graphs[key] = _compat.trace_with_decompositions(round_trip, [val])
         return traced, False
 
 
@@ -83,34 +91,56 @@ def _inline(
             new = graph.node_copy(node, env.__getitem__)
         new.meta = dict(node.meta)
         if revalue_in is not None:
-            with revalue_in:
-                val = new.target(*fx.node.map_arg(new.args, _value), **fx.node.map_arg(new.kwargs, _value))
+            args, kwargs = fx.node.map_arg((new.args, new.kwargs), _value)
+            with revalue_in, _compat.size_oblivious((args, kwargs)):
+                val = new.target(*args, **kwargs)
+                if "tensor_meta" in new.meta:
+                    new.meta["tensor_meta"] = _compat.tensor_metadata(val)
             new.meta["val"] = val
-            if "tensor_meta" in new.meta:
-                new.meta["tensor_meta"] = _compat.tensor_metadata(val)
         env[node] = anchor = new
     raise AssertionError("traced codec graph has no output")
 
 
 def _insert_codec(
     joint: JointGraph, node: fx.Node, codec: Codec, traces: _CodecTraces
-) -> tuple[list[fx.Node], fx.Node]:
-    """Quantize ``node`` right after it is computed; returns the payload nodes and the dequantized copy."""
+) -> tuple[list[fx.Node], fx.Node, list[fx.Node]]:
+    """Quantize ``node`` right after it is computed; returns the payload nodes, the dequantized copy and
+    the symbolic sizes the backward needs to dequantize (see ``_forward_sizes``)."""
     graph = joint.gm.graph
     val = node.meta["val"]
     fake_mode = _compat.detect_fake_mode([val])
     if fake_mode is None:
         raise UnsupportedGraph("a quantized tensor has no fake value to trace its codec with")
-    encoded, seen = traces.get((codec, "encode"), lambda x: tuple(codec.encode(x)), [val], fake_mode)
-    payload = _inline(graph, encoded, [node], node, fake_mode if seen else None)
-    payload_vals = [p.meta["val"] for p in payload]
+    traced, seen = traces.round_trip(codec, val, fake_mode)
+    *payload, restored = _inline(graph, traced, [node], node, fake_mode if seen else None)
+    return payload, restored, _forward_sizes(node, payload, restored)
 
-    def decode(*payload: torch.Tensor) -> torch.Tensor:
-        return codec.decode(payload, val)
 
-    decoded, seen = traces.get((codec, "decode", _layout(val)), decode, payload_vals, fake_mode)
-    (restored,) = _inline(graph, decoded, payload, payload[-1], fake_mode if seen else None)
-    return payload, restored
+def _forward_sizes(node: fx.Node, payload: Sequence[fx.Node], restored: fx.Node) -> list[fx.Node]:
+    """The symbolic sizes the dequantize reads that the forward computes: ``node``'s, and those the trace
+    took from the quantize's own steps (a SymInt is traced once, where it is first met). The backward
+    gets them as saved SymInts; the rest of what it reads must be the payload or constants."""
+    driven: dict[fx.Node, bool] = {p: True for p in payload}
+    driven[node] = False
+
+    def from_payload(n: fx.Node) -> bool:
+        if n not in driven:
+            driven[n] = any(from_payload(a) for a in n.all_input_nodes)
+        return driven[n]
+
+    sizes, seen, stack = [], set(), [restored]
+    while stack:
+        n = stack.pop()
+        if n in seen or n in payload:
+            continue
+        seen.add(n)
+        if n is node:
+            raise UnsupportedGraph(f"the dequantize of {node.name} reads the tensor it replaces")
+        if _compat.is_sym_node(n) and not from_payload(n):
+            sizes.append(n)
+        else:
+            stack.extend(n.all_input_nodes)
+    return sizes
 
 
 def _rewire_backward(joint: JointGraph, restored: dict[fx.Node, fx.Node], recomputed: set[fx.Node]) -> None:
@@ -141,6 +171,7 @@ def split(
     recomputed = {by_name[name] for name in plan.recomputed}
     saved: list[fx.Node] = []
     restored: dict[fx.Node, fx.Node] = {}
+    sizes: list[fx.Node] = []
     traces = _CodecTraces()
     for node in joint.forward:  # graph order keeps the saved list stable
         if node.name not in plan.saved:
@@ -150,7 +181,8 @@ def split(
             saved.append(node)
         else:
             codec = (node_codecs or {}).get((node.name, fmt)) or codecs[fmt]
-            payload, restored[node] = _insert_codec(joint, node, codec, traces)
+            payload, restored[node], node_sizes = _insert_codec(joint, node, codec, traces)
+            sizes += node_sizes
             saved.extend(payload)
     _rewire_backward(joint, restored, recomputed)
 
@@ -162,7 +194,7 @@ def split(
             for arg in reader.all_input_nodes if arg in forward and _compat.is_sym_node(arg)
         )
     )  # fmt: skip
-    saved_sym += [n for n in joint.required if _compat.is_sym_node(n) and n not in saved_sym]
+    saved_sym += [n for n in (*joint.required, *sizes) if _compat.is_sym_node(n) and n not in saved_sym]
     fw, bw = _compat.extract_fwd_bwd_modules(
         joint.gm,
         saved,
