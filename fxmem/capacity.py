@@ -21,7 +21,6 @@ the temporaries of one forward and backward); optimizer state and allocator over
 from __future__ import annotations
 
 import copy
-import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ from fxmem.simulate import Timeline, _Memory, _walk
 
 __all__ = ["PeakModel", "largest_fitting", "max_batch_size", "peak_model"]
 
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 1 << 20
 BATCH = sympy.Symbol("B", integer=True, positive=True)
@@ -314,11 +312,6 @@ def peak_model(
     if "memory_budget" in options:
         raise ValueError("peak_model: memory_budget is max_batch_size's memory bound, not a planning option here")
     config = FxmemConfig.from_options({"codegen": "eager", **options})
-    if config.quant_formats:
-        log.warning(
-            "fxmem: quantization is not planned under dynamic shapes; the predicted peak is that of the "
-            "unquantized plan (an upper bound of the quantized one)"
-        )
     inputs, batch = _marked_inputs(example_inputs, batch_dim)
     partitioner = _RecordingPartitioner(config)
     original = getattr(model, "_orig_mod", model)
@@ -378,8 +371,7 @@ def max_batch_size(
     ``example_inputs`` are inputs at any batch size of at least 2, batched along ``batch_dim`` (every
     input tensor). The model is traced and planned once, with that dimension dynamic (see ``peak_model``);
     ``options`` are fxmem's planning options (``quantize``, ``recompute``, ``codegen``...). The answer holds
-    for the plan of that trace: ``peak(B) <= memory_budget < peak(B + 1)``. Quantization is not planned
-    under dynamic shapes, so with ``quantize`` the answer is that of the unquantized plan (conservative).
+    for the plan of that trace, quantized payloads included: ``peak(B) <= memory_budget < peak(B + 1)``.
     """
     budget = _budget_bytes(memory_budget)
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -17,11 +16,10 @@ from fxmem.quant import IntegerQuantizer, Quantizer, get_quantizer, pack_bool, p
 from fxmem.rewrite import Codec
 from fxmem.solve import Plan, Problem, QuantOption, SolverNode
 
-log = logging.getLogger(__name__)
-
 BITMASK = "bitmask"  # lossless: a saved bool tensor stored as 1 bit per element
 # Below this many elements the scales and the extra kernels cost more than quantizing saves.
 MIN_QUANT_NUMEL = 256
+_ROW_GROUP_MAX = 1024  # the largest group of a norm input's row-aligned int8 (see _row_group)
 # With no budget, fxmem may add this fraction of the estimated step time.
 DEFAULT_MAX_OVERHEAD = 0.02
 # The backward costs about twice the forward.
@@ -59,11 +57,12 @@ def build_problem(
     joint: JointGraph, config: FxmemConfig, cost: CostModel, reference_bytes: int | None
 ) -> PlanningInputs:
     formats = config.quant_formats
-    dynamic = joint.dynamic
-    if formats and dynamic:
-        log.warning("fxmem: quantization is not yet supported with dynamic shapes; keeping tensors unquantized")
-        formats = ()
     quantizers = {fmt: get_quantizer(fmt, group_size=config.group_size) for fmt in formats}
+    # Under dynamic shapes, a tensor with one scale group at the traced sizes would have Inductor
+    # specialize its codec on that count (a recompile at other sizes): smaller ones stay unquantized.
+    min_quant_numel = MIN_QUANT_NUMEL
+    if joint.dynamic:
+        min_quant_numel = 2 * max([_ROW_GROUP_MAX, *(q.group_size for q in quantizers.values())])
     bits = {fmt: q.bits for fmt, q in quantizers.items()}
     bits["int8"] = 8  # normalisation inputs use row-aligned int8 whatever format was asked for
     bits[BITMASK] = 8  # lossless: admitted with the widest tier
@@ -95,12 +94,11 @@ def build_problem(
         asked = facts.user_policy in ("MUST_RECOMPUTE", "PREFER_RECOMPUTE")
         can_recompute = facts.can_recompute and (config.recompute or free or facts.backward_only or asked)
         options: list[QuantOption] = []
-        if tensor is not None and held > 0 and tensor.dense and facts.kind not in ("view", "param") and not dynamic:
-            # (Codecs are traced at static sizes: under dynamic shapes tensors stay as they are.)
+        if tensor is not None and held > 0 and tensor.dense and facts.kind not in ("view", "param"):
             numel = tensor.nbytes // tensor.dtype.itemsize
             if tensor.dtype == torch.bool and config.codegen == "eager":
                 options.append(QuantOption(BITMASK, packed_bool_bytes(numel), cost.quant_time(held, numel // 8)))
-            elif tensor.dtype.is_floating_point and numel >= MIN_QUANT_NUMEL and quantizers:
+            elif tensor.dtype.is_floating_point and numel >= min_quant_numel and quantizers:
                 if facts.norm_input == "row":
                     # A layer/RMS norm's input: the backward divides its error by the row's std, so it is
                     # stored only as int8 (whichever format was asked for), in groups within one row.
@@ -215,4 +213,4 @@ def _admitted(facts: NodeFacts, quantizers: dict[str, Quantizer], config: FxmemC
 
 def _row_group(row: int) -> int:
     """The quantization group for rows of ``row`` elements: 256 when it divides the row, else the row."""
-    return 256 if row % 256 == 0 else max(16, min(row, 1024))
+    return 256 if row % 256 == 0 else max(16, min(row, _ROW_GROUP_MAX))
