@@ -115,3 +115,24 @@ def plan_rows(report: Any) -> list[tuple[str, str, str | None]]:
 def fxmem_warnings(records: Iterable[logging.LogRecord]) -> list[logging.LogRecord]:
     """The WARNING records logged by fxmem's loggers."""
     return [r for r in records if r.levelno == logging.WARNING and (r.name == "fxmem" or r.name.startswith("fxmem."))]
+
+
+def param_grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Copies of ``model``'s parameter gradients, in order."""
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def cosines(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[float]:
+    """The cosine similarity of each pair of tensors, flattened (float64)."""
+    return [
+        torch.nn.functional.cosine_similarity(x.flatten().double(), y.flatten().double(), dim=0).item()
+        for x, y in zip(a, b, strict=True)
+    ]
+
+
+def planned_reports(backend: Any, count: int) -> list[Any]:
+    """``backend``'s reports, asserting there are ``count`` of them (no recompile) and none fell back."""
+    reports = backend.reports
+    assert len(reports) == count, [r.summary() for r in reports]
+    assert all(r.fallback_reason is None for r in reports), [r.fallback_reason for r in reports]
+    return reports

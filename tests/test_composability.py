@@ -1,15 +1,14 @@
-"""fxmem with the rest of a training setup: autocast, fused optimizers, dynamic shapes, graph breaks,
+"""fxmem with the rest of a training setup: autocast, fused optimizers, graph breaks, recurrent modules,
 forward-only graphs, and the capacity planner built on dynamic shapes (``fxmem.capacity``).
 
-Data parallelism (DDP, FSDP2) is in ``test_distributed.py``. All CPU, ``codegen="eager"`` except the
-``slow`` Inductor variant.
+Dynamic shapes are in ``test_dynamic_shapes.py``, data parallelism (DDP, FSDP2) in
+``test_distributed.py``. All CPU, ``codegen="eager"`` except the ``slow`` Inductor variants.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import re
 
 import pytest
 import torch
@@ -19,16 +18,13 @@ import torch.nn.functional as F
 import fxmem
 import models.gpt
 import models.mlp
-import models.vit
-from fxmem import _compat, capacity
+from fxmem import capacity
 from fxmem.report import BACKWARD_ONLY_REASON
-from tests.helpers import build, measure_saved_bytes, params_and_buffers, rel_err
+from tests.helpers import build, cosines, param_grads, planned_reports, rel_err
 
 # fp32 with codegen="eager": the joint graph Inductor sees, with its decompositions, run op by op; they
 # round differently from eager's fused kernels.
 EAGER_TOL = 1e-5
-# Dynamic shapes: the brief's bound for a plan reused across sizes (observed: bit for bit).
-DYNAMIC_TOL = 1e-4
 # bf16 autocast: one bf16 rounding is ~4e-3 relative, and the decomposed ops (batch norm as mean, variance
 # and pointwise steps) each round in bf16; fxmem's lossless plan must stay within 2e-2 of eager autocast
 # (observed: 1.2e-2 on resnet, bit for bit on gpt).
@@ -36,27 +32,7 @@ AUTOCAST_TOL = 2e-2
 # int8 storage of the bf16 activations: each gradient must point the same way as the lossless run's.
 QUANT_COSINE = 0.99
 QUANT_OPTIONS = {"memory_budget": 0.3, "quantize": "int8", "recompute": False, "codegen": "eager"}
-BATCH_SIZES = (4, 8, 12)
-# A symbolic size in a formula, as Dynamo names them (s0, s77, ...).
-SYMBOL = re.compile(r"\bs\d+\b")
-MODULES = {"gpt": models.gpt, "mlp": models.mlp, "vit": models.vit}
-
-
-def _grads(model: nn.Module) -> list[torch.Tensor]:
-    return [p.grad.detach().clone() for p in model.parameters()]
-
-
-def _cosines(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
-    return [
-        F.cosine_similarity(x.flatten().double(), y.flatten().double(), dim=0).item() for x, y in zip(a, b, strict=True)
-    ]
-
-
-def _planned(backend: fxmem.FxmemCompiler, count: int) -> list[fxmem.GraphReport]:
-    reports = backend.reports
-    assert len(reports) == count, [r.summary() for r in reports]
-    assert all(r.fallback_reason is None for r in reports), [r.fallback_reason for r in reports]
-    return reports
+MODULES = {"gpt": models.gpt, "mlp": models.mlp}
 
 
 # --- autocast and optimizers --------------------------------------------------------------------------------
@@ -71,7 +47,7 @@ def _autocast_step(name: str, options: dict | None) -> tuple[torch.Tensor, list[
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = fn(*inputs)
     loss.backward()
-    return loss.detach(), _grads(model), [] if backend is None else _planned(backend, 1)
+    return loss.detach(), param_grads(model), [] if backend is None else planned_reports(backend, 1)
 
 
 @pytest.mark.parametrize("name", ["gpt", "resnet"])
@@ -92,7 +68,7 @@ def test_bf16_autocast(name):
     assert {row.kind for row in rebuilt} <= {"view", "getitem"}
     assert q_reports[0].predicted_saved_bytes < q_reports[0].reference_saved_bytes
     assert rel_err(q_loss, loss) <= EAGER_TOL  # the forward never reads what it stores quantized
-    assert min(_cosines(q_grads, grads)) >= QUANT_COSINE
+    assert min(cosines(q_grads, grads)) >= QUANT_COSINE
 
 
 def _adamw_kind() -> dict[str, bool]:
@@ -123,7 +99,7 @@ def test_adamw_steps_after_the_fxmem_backward():
                 fn(*inputs).backward()
             optimizer.step()
         if backend is not None:
-            _planned(backend, 1)  # the second step reuses the first step's plan
+            planned_reports(backend, 1)  # the second step reuses the first step's plan
         models_[label] = model
     moved = [
         (p.detach() - q.detach()).norm().item()
@@ -131,129 +107,6 @@ def test_adamw_steps_after_the_fxmem_backward():
     ]
     assert min(moved) > 0, "every parameter should have been updated"
     assert rel_err(list(models_["fxmem"].parameters()), list(models_["eager"].parameters())) <= AUTOCAST_TOL
-
-
-# --- dynamic shapes --------------------------------------------------------------------------------------
-
-
-def _dynamic_steps(
-    name: str, options: dict, how: str = "dynamic", preset: str = "tiny", sizes: tuple[int, ...] = BATCH_SIZES
-) -> tuple[fxmem.FxmemCompiler, list[list[torch.Tensor]], list[list[torch.Tensor]], list[int]]:
-    """Train steps at ``sizes`` through one compiled model (``how``: "dynamic", "mark_dynamic", or
-    "static" for the first size only), the RNG seeded alike for eager so dropout draws the same masks:
-    fxmem's gradients, eager's, and the bytes saved for the backward at each size."""
-    module = MODULES[name]
-    model, _ = module.build(preset, batch_size=sizes[0])
-    reference = copy.deepcopy(model)
-    backend = fxmem.backend(**options)
-    compiled = torch.compile(model, backend=backend, dynamic={"dynamic": True, "static": False}.get(how))
-    grads, eager_grads, saved = [], [], []
-    for size in sizes[:1] if how == "static" else sizes:
-        _, inputs = module.build(preset, batch_size=size, seed=size)
-        if how == "mark_dynamic":
-            for x in inputs:
-                torch._dynamo.mark_dynamic(x, 0)
-        model.zero_grad(set_to_none=True)
-        reference.zero_grad(set_to_none=True)
-        torch.manual_seed(size)
-        loss, nbytes = measure_saved_bytes(compiled, *inputs, exclude=params_and_buffers(model))
-        loss.backward()
-        torch.manual_seed(size)
-        reference(*inputs).backward()
-        grads.append(_grads(model))
-        eager_grads.append(_grads(reference))
-        saved.append(nbytes)
-    return backend, grads, eager_grads, saved
-
-
-def _dynamic_run(name: str, how: str, options: dict) -> tuple[fxmem.FxmemCompiler, list[float]]:
-    """``_dynamic_steps``' backend and its gradient errors against eager at each size."""
-    backend, grads, eager_grads, _ = _dynamic_steps(name, options, how)
-    return backend, [rel_err(g, e) for g, e in zip(grads, eager_grads, strict=True)]
-
-
-@pytest.mark.parametrize("how", ["dynamic", "mark_dynamic"])
-@pytest.mark.parametrize("name", ["gpt", "mlp"])
-def test_dynamic_shapes_one_plan_serves_every_batch_size(name, how):
-    backend, errors = _dynamic_run(name, how, {"codegen": "eager"})
-    assert max(errors) <= DYNAMIC_TOL, errors
-    (report,) = _planned(backend, 1)  # one graph, planned once: no recompile for 8 or 12
-    # The sizes are formulas in the batch symbol: a batch-sized activation's bytes read e.g. "256*s77".
-    symbolic = [row for row in report.rows if SYMBOL.search(row.bytes_formula)]
-    assert symbolic, [row.bytes_formula for row in report.rows]
-    assert all(row.bytes == 0 or row.bytes_formula != str(row.bytes) for row in symbolic)
-
-
-@pytest.mark.slow
-def test_dynamic_shapes_with_inductor(inductor_cache):
-    backend, errors = _dynamic_run("mlp", "dynamic", {"codegen": "inductor"})
-    assert max(errors) <= DYNAMIC_TOL, errors
-    (report,) = _planned(backend, 1)
-    assert any(SYMBOL.search(row.bytes_formula) for row in report.rows)
-
-
-def test_quantization_under_dynamic_shapes():
-    """One plan, made at the first size, quantizes and serves every size with no recompile: its codecs
-    read the sizes as symbols, so the payloads grow with the batch (saved bytes affine in it), and at the
-    traced size the plan and its gradients are those of a static compile."""
-    options = {"codegen": "eager", "memory_budget": 0.3, "quantize": "int8"}
-    backend, grads, eager_grads, saved = _dynamic_steps("gpt", options)
-    (report,) = _planned(backend, 1)
-    assert report.plan.quantized, report.summary()
-    assert saved[0] == report.predicted_saved_bytes
-    slope = (saved[1] - saved[0]) / (BATCH_SIZES[1] - BATCH_SIZES[0])
-    assert saved[2] - saved[0] == slope * (BATCH_SIZES[2] - BATCH_SIZES[0]) > 0, saved
-    for got, want in zip(grads, eager_grads, strict=True):
-        assert min(_cosines(got, want)) >= QUANT_COSINE
-    static, static_grads, _, static_saved = _dynamic_steps("gpt", options, "static")
-    # (node names differ: the dynamic graph has its sizes as inputs)
-    assert sorted(static.reports[0].plan.quantized.values()) == sorted(report.plan.quantized.values())
-    assert static_saved[0] == saved[0]
-    assert rel_err(grads[0], static_grads[0]) <= EAGER_TOL
-
-
-def test_quantized_codecs_add_no_guard_on_the_batch():
-    """vit tiny's tokens (16 patches and a class token) fill a tensor's last scale group by an amount that
-    changes with the batch. The codecs are traced answering shape checks as for any size, so they add no
-    guard on it: one plan serves batches 4, 6 and 5 (before, 6 recompiled). Where this torch cannot trace
-    them so (2.11), the checks guard: a recompile, with every plan still quantized."""
-    options = {"codegen": "eager", "memory_budget": 0.1, "quantize": "int8"}
-    backend, grads, eager_grads, _ = _dynamic_steps("vit", options, sizes=(4, 6, 5))
-    oblivious = _compat._oblivious_slices_stay_backed()
-    reports = _planned(backend, 1) if oblivious else backend.reports
-    assert all(report.fallback_reason is None and report.plan.quantized for report in reports)
-    for got, want in zip(grads, eager_grads, strict=True):
-        assert min(_cosines(got, want)) >= QUANT_COSINE
-
-
-def test_tensors_of_one_scale_group_stay_unquantized_under_dynamic_shapes():
-    """mlp tiny's activations hold 128 to 256 elements at batch 4: quantized statically, not under dynamic
-    shapes, where a single group's count would be a size Inductor specializes on."""
-    options = {"codegen": "eager", "memory_budget": 0.2, "quantize": "int8"}
-    static, _, _, _ = _dynamic_steps("mlp", options, "static")
-    assert static.reports[0].plan.quantized
-    dynamic, _, _, _ = _dynamic_steps("mlp", options)
-    (report,) = _planned(dynamic, 1)
-    assert not report.plan.quantized
-
-
-def test_packed_masks_under_dynamic_shapes():
-    """Dropout masks packed 8 per byte under dynamic shapes: lossless, at every size."""
-    options = {"codegen": "eager", "memory_budget": 0.3, "quantize": "none"}
-    backend, grads, eager_grads, _ = _dynamic_steps("gpt", options, preset="tiny-dropout")
-    (report,) = _planned(backend, 1)
-    assert "bitmask" in report.plan.quantized.values(), report.summary()
-    assert max(rel_err(g, e) for g, e in zip(grads, eager_grads, strict=True)) <= DYNAMIC_TOL
-
-
-@pytest.mark.slow
-def test_quantization_under_dynamic_shapes_with_inductor(inductor_cache):
-    options = {"codegen": "inductor", "memory_budget": 0.3, "quantize": "int8"}
-    backend, grads, eager_grads, _ = _dynamic_steps("gpt", options)
-    (report,) = _planned(backend, 1)  # no recompile: Inductor specialized no codec on a size
-    assert report.plan.quantized, report.summary()
-    for got, want in zip(grads, eager_grads, strict=True):
-        assert min(_cosines(got, want)) >= QUANT_COSINE
 
 
 # --- graph breaks ----------------------------------------------------------------------------------------
@@ -298,7 +151,7 @@ def _graph_break_step(options: dict) -> tuple[list[torch.Tensor], list[torch.Ten
     reference(*inputs).backward()
     backend = fxmem.backend(**options)
     torch.compile(model, backend=backend)(*inputs).backward()
-    return _grads(model), _grads(reference), _planned(backend, 2)
+    return param_grads(model), param_grads(reference), planned_reports(backend, 2)
 
 
 def test_graph_break_both_graphs_planned():
@@ -356,9 +209,9 @@ def test_an_lstm_is_planned_once_dynamo_compiles_it():
     torch._dynamo.reset()
     with torch._dynamo.config.patch(allow_rnn=True):
         torch.compile(model, backend=backend)(x).backward()
-    (report,) = _planned(backend, 1)
+    (report,) = planned_reports(backend, 1)
     assert report.predicted_saved_bytes <= (0.4 + 0.02) * report.reference_saved_bytes
-    assert rel_err(_grads(model), _grads(eager)) <= EAGER_TOL
+    assert rel_err(param_grads(model), param_grads(eager)) <= EAGER_TOL
 
 
 # --- forward-only graphs ---------------------------------------------------------------------------------
@@ -420,17 +273,6 @@ def test_peak_model_matches_static_planning():
         torch._dynamo.reset()
         static = fxmem.inspect(model, *models.mlp.build("tiny", batch_size=size)[1])
         assert (peak(size), peak.saved(size)) == (static.predicted_peak_bytes, static.predicted_saved_bytes)
-
-
-def test_peak_model_counts_quantized_payloads():
-    """With quantization, the saved-bytes formula follows the payloads: at every size it gives what the
-    same plan, compiled with dynamic shapes, saves for the backward."""
-    options = {"codegen": "eager", "quantize": "int8"}
-    model, inputs = models.gpt.build("tiny", batch_size=BATCH_SIZES[0])
-    peak = capacity.peak_model(model, inputs, **options)
-    assert all(report.plan.quantized for report in peak.reports)
-    _, _, _, saved = _dynamic_steps("gpt", options)
-    assert [peak.saved(size) for size in BATCH_SIZES] == saved
 
 
 @pytest.mark.slow
