@@ -79,8 +79,7 @@ def run_step(
         torch.manual_seed(seed)
     loss, saved = measure_saved_bytes(fn, *inputs, exclude=params_and_buffers(model))
     loss.backward()
-    grads = [p.grad.detach().clone() for p in model.parameters()]
-    return loss.detach(), grads, saved
+    return loss.detach(), param_grads(model), saved
 
 
 def eager_step(
