@@ -173,6 +173,66 @@ class InPlaceUpdates(nn.Module):
         return self.down(F.gelu(h) * self.steps).tanh().mean()
 
 
+class VariationalAutoencoder(nn.Module):
+    """The reparameterization trick: noise drawn in ``forward`` (``randn_like``, never recomputed), a
+    weighted binary cross-entropy and a KL term."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
+        self.mu, self.log_var = nn.Linear(128, 4), nn.Linear(128, 4)
+        self.decoder = nn.Sequential(nn.Linear(4, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        mu, log_var = self.mu(h), self.log_var(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
+        target, weight = torch.sigmoid(x), torch.full((32,), 2.0)
+        reconstruction = F.binary_cross_entropy_with_logits(self.decoder(z), target, pos_weight=weight)
+        return reconstruction - 0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).mean()
+
+
+class MaskedAttention(nn.Module):
+    """``nn.MultiheadAttention`` with a key padding mask, then with a causal mask and its averaged
+    attention weights in the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.second = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        padding = torch.zeros(batch, seq, dtype=torch.bool)
+        padding[:, -3:] = True
+        causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)
+        h = self.norm(x + self.first(x, x, x, key_padding_mask=padding, need_weights=False)[0])
+        out, weights = self.second(h, h, h, attn_mask=causal)
+        return out.square().mean() + weights.mean()
+
+
+class SpatialTransformer(nn.Module):
+    """A learned affine warp (``affine_grid``, ``grid_sample``), bilinear upsampling, a 3-d convolution
+    and a KL-divergence loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.locate = nn.Linear(8, 6)
+        self.conv3d = nn.Conv3d(1, 4, 3, padding=1)
+        self.register_buffer("identity", torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        theta = self.locate(h.mean((2, 3))).view(-1, 2, 3) * 0.1 + self.identity
+        warped = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), align_corners=False)
+        up = F.interpolate(warped, scale_factor=2, mode="bilinear", align_corners=True)
+        v = self.conv3d(up.unsqueeze(1))
+        target = F.softmax(up.repeat(1, 4, 1, 1).flatten(1), -1)
+        return F.kl_div(F.log_softmax(v.flatten(1), -1), target, reduction="batchmean")
+
+
 def _inputs(name: str) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
     if name == "llama":
@@ -184,6 +244,9 @@ def _inputs(name: str) -> tuple[torch.Tensor, ...]:
         "moe": (4, 16, 32),
         "recurrence": (4, 6, 8),
         "inplace": (16, 8),
+        "vae": (16, 32),
+        "attention-masks": (4, 12, 32),
+        "spatial-transformer": (2, 3, 8, 8),
     }
     return (torch.randn(*shapes[name], generator=generator),)
 
@@ -196,13 +259,16 @@ MODELS = {
     "llama": LlamaStyle,
     "recurrence": Recurrence,
     "inplace": InPlaceUpdates,
+    "vae": VariationalAutoencoder,
+    "attention-masks": MaskedAttention,
+    "spatial-transformer": SpatialTransformer,
 }
 
 
 def _step(name: str, backend) -> tuple[list[torch.Tensor], int]:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    _, grads, saved = run_step(MODELS[name](), _inputs(name), backend)
+    _, grads, saved = run_step(MODELS[name](), _inputs(name), backend, seed=1)  # seed: the VAE's noise
     return grads, saved
 
 
