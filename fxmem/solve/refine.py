@@ -49,14 +49,30 @@ def _simulated(state: PlanState, skip: int = -1) -> list[tuple[Move, int, float,
     return out
 
 
-def local_search(state: PlanState, goal: Goal, *, work: int = DEFAULT_WORK, depth: int = 1) -> PlanState:
+def local_search(
+    state: PlanState,
+    goal: Goal,
+    *,
+    work: int = DEFAULT_WORK,
+    depth: int = 1,
+    explored: set[frozenset[tuple[int, str | None]]] | None = None,
+) -> PlanState:
     """Improve a plan that fits ``goal``: each round applies the best single move that still fits (or,
     if better, the moves that fit together at the most gain), else (``depth`` > 0) the best compound
     move (see :func:`_compound`) followed by a search of depth ``depth - 1``. Stops at a local optimum
-    or after ``work`` node visits."""
+    or after ``work`` node visits.
+
+    ``explored``: the plans earlier searches passed through, shared between them. The search is
+    deterministic, so from one of those it would retrace an earlier search to the same local optimum:
+    it stops there instead (at a plan no better than that optimum). It adds the plans it passes through."""
     stop_at = state.work + work
     current = goal.key_of(state)
     while state.work < stop_at:
+        if explored is not None:
+            here = frozenset(state.saved.items())
+            if here in explored:
+                break
+            explored.add(here)
         moves = _simulated(state)
         best = None
         for move, db, dt, dp in moves:
@@ -293,6 +309,7 @@ def refine_bracket(
     )
     starts += near[:_STARTS]
     best = state
+    explored: set[frozenset[tuple[int, str | None]]] = set()  # starts often meet on the way to an optimum
     for k, start in enumerate(starts):
         # Half of what is left for each start (all of it for the last): the first, most promising,
         # get the most on a large graph; on a small one each stops at its local optimum long before.
@@ -300,7 +317,7 @@ def refine_bracket(
         stop_at = state.work + (left if k == len(starts) - 1 else left // 2)
         start = _settle(start.copy(), goal, stop_at=stop_at)
         if goal.fits_state(start):
-            start = local_search(start, goal, work=int(stop_at - state.work))
+            start = local_search(start, goal, work=int(stop_at - state.work), explored=explored)
             if goal.key_of(start) < goal.key_of(best):
                 best = start
     return best.saved_names()
