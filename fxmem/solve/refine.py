@@ -79,8 +79,10 @@ def local_search(
             if goal.gain(db, dt, dp) < 0 and goal.cost(db, dt) >= 0:  # worse on both counts
                 continue
             b, t = state.bytes + db, state.time + dt
+            if not goal.fits(b, t):
+                continue
             key = goal.key(b, t, state.penalty + dp)
-            if goal.fits(b, t) and key < current and (best is None or key < best[0]):
+            if key < current and (best is None or key < best[0]):
                 best = (key, move)
         if best is not None:
             filled = _fill(state, goal, moves)
