@@ -1,8 +1,8 @@
 """Planning time on one joint graph: fxmem's partitioner against PyTorch's budget partitioner.
 
-The model and its inputs live on the ``meta`` device, so tracing allocates and computes nothing; a
-recording backend captures AOTAutograd's joint graph (with Inductor's decompositions, as fxmem's eager
-codegen and Inductor see it) and both partitioners then split private copies of it:
+The model is built on the CPU and traced, never run (tracing works on fake tensors): a recording backend
+captures AOTAutograd's joint graph (with Inductor's decompositions, as fxmem's eager codegen and Inductor
+see it) and stops the compile, and both partitioners then split private copies of it:
 
 * ``torch``: ``min_cut_rematerialization_partition`` with ``activation_memory_budget = B``;
 * ``fxmem``: fxmem's whole partition pass (PyTorch's min-cut for the reference, then capture, cost,
@@ -16,7 +16,7 @@ collector on, a collection fires whenever allocations since the last one cross a
 fall, and which run pays for a garbage graph, would be luck: PyTorch's partitioner leaves its garbage to
 whatever runs next, and fxmem's pass, which pauses the collector, collects its own before it returns.
 
-    python bench/planning_time.py                                  # GPT-2 small, 8x1024 (about a minute)
+    python bench/planning_time.py                                  # GPT-2 small, 8x1024 (about two minutes)
     python bench/planning_time.py --model gpt:tiny --budgets 0.5
 """
 
@@ -45,10 +45,15 @@ from fxmem.partitioner import FxmemPartitioner  # noqa: E402
 
 
 def capture_joint(spec: str) -> tuple[Any, list, dict]:
-    """``(joint graph, joint inputs, partitioner kwargs)`` of one training step of ``name:preset``."""
+    """``(joint graph, joint inputs, partitioner kwargs)`` of one training step of ``name:preset``, traced
+    on the CPU and never run. (Not on ``meta``: PyTorch traces cross-entropy there without its backward.)"""
     name, _, preset = spec.partition(":")
-    model, inputs = importlib.import_module(f"models.{name}").build(preset or "tiny", device="meta")
-    (joint,) = joint_graphs(model, inputs)
+    model, inputs = importlib.import_module(f"models.{name}").build(preset or "tiny")
+    (joint,) = joint_graphs(model, inputs, run=False)
+    gm, _, kwargs = joint
+    (output,) = gm.graph.find_nodes(op="output")
+    if all(grad is None for grad in output.args[0][kwargs["num_fwd_outputs"] :]):
+        raise RuntimeError(f"{spec}: the traced joint graph computes no gradient")
     return joint
 
 
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     gm, joint_inputs, kwargs = capture_joint(args.model)
     nodes = len(gm.graph.nodes)
-    print(f"{args.model}: joint graph of {nodes} nodes, traced on meta in {time.perf_counter() - started:.1f} s")
+    print(f"{args.model}: joint graph of {nodes} nodes, traced in {time.perf_counter() - started:.1f} s")
     header = f"{'budget':>6s} {'torch s':>8s} {'fxmem s':>8s} {'ratio':>6s}"
     print(f"{header}   fxmem passes, then each side's collection (s)")
     rows = []

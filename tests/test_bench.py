@@ -14,6 +14,7 @@ import pytest
 from fxmem.bench import cli
 from fxmem.bench.launch import resolve_spec, run_matrix
 from fxmem.bench.matrix import BenchConfig, default_configs, fp8_pass_options, parse_config, parse_configs
+from fxmem.bench.measure import joint_graphs
 from fxmem.bench.plot import pareto_front
 from fxmem.bench.results import format_table
 from fxmem.bench.runner import ROW_FIELDS
@@ -157,6 +158,20 @@ def _row(system: str, step_ms: float, peak_mib: float | None, **options) -> dict
     peak = None if peak_mib is None else int(peak_mib * 2**20)
     row.update(system=system, options=options, label="", step_ms=step_ms, peak_bytes=peak, saved_bytes=1)
     return row
+
+
+def test_joint_graphs_without_running_the_step():
+    """``run=False`` stops the compile once the joint graph is copied: the graph computes every gradient,
+    and the step never ran (no gradient was set)."""
+    import models.gpt
+
+    model, inputs = models.gpt.build("tiny")
+    (joint,) = joint_graphs(model, inputs, run=False)
+    gm, _, kwargs = joint
+    (output,) = gm.graph.find_nodes(op="output")
+    grads = output.args[0][kwargs["num_fwd_outputs"] :]
+    assert sum(grad is not None for grad in grads) == len(list(model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_pareto_front():

@@ -104,10 +104,19 @@ def grad_error(model: Any, reference: dict[str, Any]) -> float:
     return worst
 
 
-def joint_graphs(model: Any, inputs: Any) -> list[tuple[Any, list, dict]]:
+class _Captured(Exception):
+    """Raised once a joint graph is copied, so that the step it belongs to never runs."""
+
+
+def joint_graphs(model: Any, inputs: Any, *, run: bool = True) -> list[tuple[Any, list, dict]]:
     """The joint graphs of one training step of ``model(*inputs)`` as a partitioner receives them, with
     Inductor's decompositions (the graphs fxmem plans): ``(graph, joint inputs, partitioner kwargs)`` each,
-    the graph a copy taken before PyTorch's partitioner splits it (the step runs without fxmem)."""
+    the graph a copy taken before PyTorch's partitioner splits it (the step runs without fxmem).
+
+    ``run=False``: stop once the first joint graph is copied, so nothing is computed (tracing works on
+    fake tensors): a full-size model on the CPU costs its weights and the tracing, not a step. Use it
+    rather than the ``meta`` device, on which PyTorch traces ``nll_loss`` (so ``cross_entropy``) without
+    its backward: the joint graph then computes no gradient."""
     import copy
 
     import torch
@@ -118,6 +127,8 @@ def joint_graphs(model: Any, inputs: Any) -> list[tuple[Any, list, dict]]:
 
     def record(gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
         captured.append((copy.deepcopy(gm), list(joint_inputs), dict(kwargs)))
+        if not run:
+            raise _Captured
         return _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
     def nop(gm: Any, _inputs: Any) -> Any:
@@ -127,5 +138,23 @@ def joint_graphs(model: Any, inputs: Any) -> list[tuple[Any, list, dict]]:
         fw_compiler=nop, bw_compiler=nop, partition_fn=record, decompositions=_compat.inductor_decompositions()
     )
     torch._dynamo.reset()
-    torch.compile(model, backend=backend)(*inputs)
+    try:
+        torch.compile(model, backend=backend)(*inputs)
+    except Exception as err:
+        if run or not _raised_by(err, _Captured):
+            raise
+    finally:
+        if not run:
+            torch._dynamo.reset()  # the compile was cut short: nothing of it should be reused
     return captured
+
+
+def _raised_by(err: BaseException | None, kind: type[BaseException]) -> bool:
+    """Whether ``err`` is ``kind`` or was raised from one (Dynamo wraps a backend's exceptions)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return True
+        seen.add(id(err))
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+    return False
