@@ -122,6 +122,16 @@ def test_inspect_errors():
         inspect(frozen, *inputs)
 
 
+def test_inspect_refuses_the_meta_device():
+    """On ``meta`` PyTorch traces some backward ops without their gradient (cross-entropy's nll_loss,
+    mse_loss's broadcast_tensors): a clear error rather than an empty plan."""
+    model, (features, labels) = models.mlp.tiny()
+    with pytest.raises(ValueError, match="meta device.*on the CPU"):
+        inspect(copy.deepcopy(model).to("meta"), features, labels)
+    with pytest.raises(ValueError, match="meta device"):
+        inspect(model, features.to("meta"), labels.to("meta"))
+
+
 def test_json_schema(inspected, tmp_path):
     _, _, report = inspected("gpt", "budget-int8")
     data = json.loads(report.to_json())

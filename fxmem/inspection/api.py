@@ -175,6 +175,7 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
         raise TypeError(f"inspect: expected a torch.nn.Module, got {type(model).__name__}")
     compiler = FxmemCompiler(**{"codegen": "eager", **options})
     original = getattr(model, "_orig_mod", model)  # an already torch.compile'd module
+    _check_not_on_meta(original, example_inputs)
     try:
         work = copy.deepcopy(original)
     except Exception as err:
@@ -204,7 +205,18 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     return Report(compiler.reports)
 
 
+def _check_not_on_meta(model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+    tensors = [*model.parameters(), *model.buffers(), *(x for x in inputs if isinstance(x, torch.Tensor))]
+    if any(t.device.type == "meta" for t in tensors):
+        raise ValueError(
+            "inspect: the model or its inputs are on the meta device, which fxmem cannot plan: PyTorch traces "
+            "some ops there without their backward (nll_loss, so cross_entropy; broadcast_tensors, so "
+            "mse_loss), leaving an empty or partial plan. Build the model on the CPU (inspect traces it and "
+            "runs one forward) and pass device='h100' (or another profile) to plan for that GPU"
+        )
+
+
 def _device_type(model: torch.nn.Module, inputs: tuple[Any, ...]) -> str:
     tensors = [*model.parameters(), *model.buffers(), *(x for x in inputs if isinstance(x, torch.Tensor))]
-    devices = {t.device.type for t in tensors} - {"cpu", "meta"}
+    devices = {t.device.type for t in tensors} - {"cpu"}
     return next(iter(sorted(devices)), "cuda")
