@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
@@ -40,6 +40,7 @@ __all__ = [
     "CustomPartitionerFn",
     "StorageWeakRef",
     "aot_autograd",
+    "boxed_graph_function",
     "compile_caches_off",
     "compile_fx",
     "default_saved_values",
@@ -281,6 +282,28 @@ def lazy_graph_modules() -> Iterator[None]:
 def generate_code(gm: fx.GraphModule) -> None:
     """Generate a lazy graph module's code now (a no-op for others), so its ``forward`` is the real one."""
     _LazyGraphModule.force_recompile(gm)
+
+
+def boxed_graph_function(gm: fx.GraphModule) -> Callable[[list[Any]], Any]:
+    """``gm``'s generated code as a boxed function (one list of inputs) that empties the list once it has
+    read it, so that each input is freed at its last use, as in the code Inductor generates: a backward
+    lets go of a saved tensor once it is done with it, not when it returns. (Where torch lacks FX's boxed
+    code generator, the inputs stay alive until the function returns.)"""
+    try:
+        from torch.fx.graph import _BoxedCodeGen
+    except ImportError:
+        generate_code(gm)
+        return make_boxed_func(gm.forward)
+    gm.graph.set_codegen(_BoxedCodeGen())
+    gm.recompile()
+    generate_code(gm)
+    forward = gm.forward
+
+    def run(args: list[Any]) -> Any:
+        return forward(args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
 
 
 def mutated_inputs(gm: fx.GraphModule) -> set[fx.Node]:

@@ -49,8 +49,7 @@ class FxmemCompiler:
 
 def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: FxmemPartitioner) -> Any:
     def run_graph(graph_module: fx.GraphModule, _inputs: Any) -> Any:
-        _compat.generate_code(graph_module)  # so that ``forward`` is the generated code itself
-        return _compat.make_boxed_func(graph_module.forward)
+        return _compat.boxed_graph_function(graph_module)
 
     def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
         return partitioner(_compat.inductor_joint_graph_passes(joint), joint_inputs, **kwargs)
