@@ -37,7 +37,7 @@ from fxmem.inspection.api import Report, _compile_kwargs, _device_type
 from fxmem.memory import saved_nodes, static_vals, storage_key
 from fxmem.partitioner import FxmemPartitioner, _copy
 from fxmem.report import GraphReport
-from fxmem.simulate import Timeline, _Memory, _walk
+from fxmem.simulate import Timeline, _Memory, walk_step
 
 __all__ = ["PeakModel", "largest_fitting", "max_batch_size", "peak_model"]
 
@@ -204,12 +204,7 @@ def _simulate_formulas(t: _Traced, batch: int, fused: bool) -> _GraphPeak:
     static_keys = {storage_key(v) for v in static_list}
     distinct_static = {storage_key(v): v for v in static_list}.values()
     timeline = Timeline(static_bytes=sum(_compat.hint(v.untyped_storage().nbytes()) for v in distinct_static))
-    (fw_out,) = t.fw.graph.find_nodes(op="output")
-    fw_results = {n.name for n in fw_out.args[0] if isinstance(n, fx.Node)}
-    _walk(t.fw, _FormulaMemory(formulas), "forward", fw_results, static_keys, fused, timeline)
-    (bw_out,) = t.bw.graph.find_nodes(op="output")
-    grads = {n.name for n in bw_out.args[0] if isinstance(n, fx.Node)}
-    _walk(t.bw, _FormulaMemory(formulas), "backward", grads, static_keys, fused, timeline)
+    walk_step(t.fw, t.bw, static_keys, fused, timeline, lambda: _FormulaMemory(formulas))
     points = list(dict.fromkeys(sympy.expand(b) for _, _, b in timeline.points)) or [
         sympy.Integer(timeline.static_bytes)
     ]

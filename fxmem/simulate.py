@@ -9,7 +9,8 @@ own, so with ``fused=True`` only nodes a fusion cannot hide are allocated.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,8 @@ _FUSIBLE_KINDS = ("pointwise", "view", "getitem")
 
 @dataclass
 class Timeline:
-    """Live bytes (parameters included) after each node, forward then backward."""
+    """Live bytes (parameters included) at each node, forward then backward: while it runs (its result
+    and its inputs) unfused, after it (its dead inputs freed) under Inductor."""
 
     points: list[tuple[str, str, int]] = field(default_factory=list)  # (phase, node name, live bytes)
     static_bytes: int = 0  # parameters and buffers, plus device memory held outside the graph
@@ -75,6 +77,26 @@ class _Memory:
             del self.refs[key]
 
 
+def _returns_view(target: Any) -> bool:
+    """Whether an op's result aliases its first input (a view, or a list of views), by its schema."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    returns = target._schema.returns
+    return len(returns) == 1 and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+
+
+def _aliased_key(node: fx.Node, keys: dict[fx.Node, Any]) -> Any:
+    """The storage key of the input a view node aliases (an item of a list of views included), by the
+    op's schema rather than the fake values: graph passes that replace a node give it a value of its
+    own, which no longer shares storage with the views taken of it. ``None`` for any other node."""
+    source = node.args[0] if node.op == "call_function" and node.args else None
+    if not isinstance(source, fx.Node):
+        return None
+    if node.target is operator.getitem:
+        return keys.get(source) if _returns_view(source.target) else None
+    return keys.get(source) if _returns_view(node.target) else None
+
+
 def _walk(
     gm: fx.GraphModule,
     memory: _Memory,
@@ -91,22 +113,28 @@ def _walk(
         for arg in node.all_input_nodes:
             last_use[arg] = i
     held: dict[fx.Node, Any] = {}
+    keys: dict[fx.Node, Any] = {}
     for i, node in enumerate(nodes):
         if node.op == "output":
             break
         val = node.meta.get("val")
-        key = storage_key(val)
+        key = keys[node] = _aliased_key(node, keys) or storage_key(val)
         if key is not None and key not in static_keys:
             materialised = node.op == "placeholder" or not (fused and _is_fusible(node))
             if materialised or key in memory.sizes:
                 memory.hold(key, storage_bytes(val))
                 held[node] = key
+        # Inputs are all live on entry: one point once the first op runs. Unfused, an op's result is
+        # allocated while the inputs it is the last reader of are still alive: the point is taken then.
+        # Inductor reuses such an input's buffer for a fused kernel's result where it can.
+        if node.op != "placeholder" and not fused:
+            timeline.points.append((phase, node.name, memory.live + timeline.static_bytes))
         for arg in node.all_input_nodes:
             if last_use.get(arg) == i and arg in held and arg.name not in keep:
                 memory.release(held.pop(arg))
         if node not in last_use and node in held and node.name not in keep:
             memory.release(held.pop(node))
-        if node.op != "placeholder":  # inputs are all live on entry: one point once the first op runs
+        if node.op != "placeholder" and fused:
             timeline.points.append((phase, node.name, memory.live + timeline.static_bytes))
 
 
@@ -124,12 +152,30 @@ def simulate(
     static_keys = {storage_key(v) for v in static_list}
     params = sum(storage_bytes(v) for v in {storage_key(v): v for v in static_list}.values())
     timeline = Timeline(static_bytes=params + outside_bytes)
+    walk_step(fw, bw, static_keys, fused, timeline, lambda: _Memory(0))
+    return timeline
+
+
+def walk_step(
+    fw: fx.GraphModule,
+    bw: fx.GraphModule,
+    static_keys: set[Any],
+    fused: bool,
+    timeline: Timeline,
+    new_memory: Callable[[], _Memory],
+) -> None:
+    """Walk the forward, then the backward, each through a ledger from ``new_memory``. What the forward
+    saves enters the backward as its inputs. The forward's own inputs that are not static (the batch)
+    stay live the whole step: their caller holds them."""
+    inputs = [p for p in fw.graph.find_nodes(op="placeholder") if storage_key(p.meta.get("val")) not in static_keys]
     (fw_out,) = fw.graph.find_nodes(op="output")
-    fw_results = [n for n in fw_out.args[0] if isinstance(n, fx.Node)]
-    memory = _Memory(0)
-    _walk(fw, memory, "forward", {n.name for n in fw_results}, static_keys, fused, timeline)
+    fw_results = {n.name for n in fw_out.args[0] if isinstance(n, fx.Node)}
+    _walk(fw, new_memory(), "forward", fw_results | {p.name for p in inputs}, static_keys, fused, timeline)
+    memory = new_memory()
+    for placeholder in inputs:
+        val = placeholder.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            memory.hold(storage_key(val), storage_bytes(val))
     (bw_out,) = bw.graph.find_nodes(op="output")
     grads = {n.name for n in bw_out.args[0] if isinstance(n, fx.Node)}
-    # Entering the backward only the saved tensors are held: they are its placeholders, held by _walk.
-    _walk(bw, _Memory(0), "backward", grads, static_keys, fused, timeline)
-    return timeline
+    _walk(bw, memory, "backward", grads, static_keys, fused, timeline)
