@@ -39,6 +39,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 __all__ = [
     "CustomPartitionerFn",
     "StorageWeakRef",
+    "allocation_events",
     "aot_autograd",
     "boxed_graph_function",
     "compile_caches_off",
@@ -304,6 +305,13 @@ def boxed_graph_function(gm: fx.GraphModule) -> Callable[[list[Any]], Any]:
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run
+
+
+def allocation_events(prof: Any) -> list[tuple[int, int]]:
+    """``(time in ns, bytes)`` of every allocation (positive) and free (negative) a finished
+    ``torch.profiler.profile(profile_memory=True)`` recorded, in time order, those inside ops included."""
+    events = prof.profiler.kineto_results.events()
+    return sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
 
 
 def mutated_inputs(gm: fx.GraphModule) -> set[fx.Node]:

@@ -6,7 +6,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["SavedTensors", "add_note", "grad_error", "has_dropout", "joint_graphs", "reference_grads"]
+__all__ = [
+    "SavedTensors", "add_note", "allocated_peak", "grad_error", "has_dropout", "joint_graphs", "reference_grads",
+]  # fmt: skip
 
 
 class SavedTensors:
@@ -102,6 +104,23 @@ def grad_error(model: Any, reference: dict[str, Any]) -> float:
         diff = (p.grad.detach().float() - ref.detach().float()).abs().max().item()
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+def allocated_peak(fn: Any) -> tuple[Any, int]:
+    """``(fn(), the most CPU memory allocated at once while it ran, over what was allocated before)``, from
+    the profiler's memory events: allocations inside ops (workspaces) count, memory allocated before (the
+    model, its inputs) does not. CPU only: on a GPU, ``torch.cuda.max_memory_allocated`` says the same."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fxmem import _compat
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    live = peak = 0
+    for _, nbytes in _compat.allocation_events(prof):
+        live += nbytes
+        peak = max(peak, live)
+    return result, peak
 
 
 class _Captured(Exception):
