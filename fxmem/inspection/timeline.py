@@ -1,7 +1,7 @@
 """Memory over one training step, fxmem's plan against torch.compile's default, for the timeline picture.
 
 When every graph's report carries the simulator's timelines (``GraphReport.timeline`` and
-``reference_timeline``: live bytes after each node of the forward, then of the backward, parameters
+``reference_timeline``: live bytes at each node of the forward, then of the backward, parameters
 included; only ``fxmem.inspect`` simulates the reference), the curves are those. Otherwise they are a
 liveness estimate from the report's rows, counting saved activations only: the forward produces the
 candidate tensors in row order and holds what the plan stores; the backward reads them in reverse order
