@@ -205,9 +205,12 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     return Report(compiler.reports)
 
 
+def _tensors(model: torch.nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers(), *(x for x in inputs if isinstance(x, torch.Tensor))]
+
+
 def _check_not_on_meta(model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
-    tensors = [*model.parameters(), *model.buffers(), *(x for x in inputs if isinstance(x, torch.Tensor))]
-    if any(t.device.type == "meta" for t in tensors):
+    if any(t.device.type == "meta" for t in _tensors(model, inputs)):
         raise ValueError(
             "inspect: the model or its inputs are on the meta device, which fxmem cannot plan: PyTorch traces "
             "some ops there without their backward (nll_loss, so cross_entropy; broadcast_tensors, so "
@@ -217,6 +220,5 @@ def _check_not_on_meta(model: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
 
 
 def _device_type(model: torch.nn.Module, inputs: tuple[Any, ...]) -> str:
-    tensors = [*model.parameters(), *model.buffers(), *(x for x in inputs if isinstance(x, torch.Tensor))]
-    devices = {t.device.type for t in tensors} - {"cpu"}
+    devices = {t.device.type for t in _tensors(model, inputs)} - {"cpu"}
     return next(iter(sorted(devices)), "cuda")
