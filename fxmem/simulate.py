@@ -167,15 +167,16 @@ def walk_step(
     """Walk the forward, then the backward, each through a ledger from ``new_memory``. What the forward
     saves enters the backward as its inputs. The forward's own inputs that are not static (the batch)
     stay live the whole step: their caller holds them."""
-    inputs = [p for p in fw.graph.find_nodes(op="placeholder") if storage_key(p.meta.get("val")) not in static_keys]
+    inputs = [
+        p for p in fw.graph.find_nodes(op="placeholder")
+        if isinstance(p.meta.get("val"), torch.Tensor) and storage_key(p.meta["val"]) not in static_keys
+    ]  # fmt: skip
     (fw_out,) = fw.graph.find_nodes(op="output")
     fw_results = {n.name for n in fw_out.args[0] if isinstance(n, fx.Node)}
     _walk(fw, new_memory(), "forward", fw_results | {p.name for p in inputs}, static_keys, fused, timeline)
     memory = new_memory()
     for placeholder in inputs:
-        val = placeholder.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            memory.hold(storage_key(val), storage_bytes(val))
+        memory.hold(storage_key(placeholder.meta["val"]), storage_bytes(placeholder.meta["val"]))
     (bw_out,) = bw.graph.find_nodes(op="output")
     grads = {n.name for n in bw_out.args[0] if isinstance(n, fx.Node)}
     _walk(bw, memory, "backward", grads, static_keys, fused, timeline)
