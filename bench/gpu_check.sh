@@ -8,10 +8,13 @@
 #   bash bench/gpu_check.sh --cpu    # the same flow on tiny presets in fp32, for a machine without a GPU
 #   bash bench/gpu_check.sh --sweep  # GPU-only tests, then an absolute-budget sweep on gpt small (about
 #                                    # 4 minutes): every fitting plan's measured peak under its budget,
-#                                    # predicted against measured peak (python -m fxmem.bench.sweep)
+#                                    # predicted against measured peak (python -m fxmem.bench.sweep);
+#                                    # meanwhile GPT-2 small's default plan runs once; both write
+#                                    # allocation traces to $OUT/traces (fxmem.bench.trace)
 #
 # Environment: OUT (results folder), PYTHON (default python3), RESNET (resnet18 | resnet50 | tiny ...),
-# JOBS (configurations compiling at once, default 3 on GPU), GPT_BUDGET_S / RESNET_BUDGET_S (seconds).
+# JOBS (configurations compiling at once, default 3 on GPU), GPT_BUDGET_S / RESNET_BUDGET_S (seconds),
+# COMPAT=0 (skip the private-torch checks, e.g. when they already ran on a CPU with the same torch).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -78,7 +81,7 @@ fi
 # 1b. The private-torch checks on this machine's torch (CI runs another version): the reference's
 # stopped partition, the graph its CSE leaves fxmem, the fallback, and the eager codegen's use of
 # Inductor's joint-graph passes, on CPU, about 30 s.
-if [ "$MODE" != cpu ] && $PY -m pytest --version >/dev/null 2>&1; then
+if [ "$MODE" != cpu ] && [ "${COMPAT:-1}" != 0 ] && $PY -m pytest --version >/dev/null 2>&1; then
     timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_backend.py tests/test_eager_codegen.py \
         -k "reference or fallback or cse or test_eager_codegen" \
         >"$OUT/torch_compat_tests.log" 2>&1
@@ -92,10 +95,17 @@ fi
 
 # 2. (--sweep) The absolute-budget sweep, then stop.
 if [ "$MODE" = sweep ]; then
-    echo "== sweep: models/gpt.py:small ($DEVICE, $DTYPE), 5 absolute budgets"
+    echo "== sweep: models/gpt.py:small ($DEVICE, $DTYPE), 5 absolute budgets; GPT-2 small's default beside it"
+    timeout 360 $PY -m fxmem.bench.runner --spec models/gpt.py:gpt2_small --label "gpt2_small fxmem" \
+        --config '{"system": "fxmem"}' --device "$DEVICE" --dtype "$DTYPE" --steps 2 --warmup 1 \
+        --trace "$OUT/traces" >"$OUT/gpt2_small_default.json" 2>"$OUT/gpt2_small_default.log" &
+    beside=$!
     timeout 420 $PY -m fxmem.bench.sweep models/gpt.py:small --device "$DEVICE" --dtype "$DTYPE" --points 5 \
-        --jobs "$JOBS" --time-budget 180 --json "$OUT/sweep.json" >"$OUT/sweep.txt" 2>"$OUT/sweep.log"
+        --jobs "$JOBS" --time-budget 180 --json "$OUT/sweep.json" --trace "$OUT/traces" \
+        >"$OUT/sweep.txt" 2>"$OUT/sweep.log"
     echo "   status $? after $(($(date +%s) - START)) s; log: $OUT/sweep.log"
+    wait "$beside"
+    echo "   GPT-2 small default: status $?; $(cut -c1-300 "$OUT/gpt2_small_default.json")"
     echo
     cat "$OUT/sweep.txt"
     exit 0

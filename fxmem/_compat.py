@@ -329,6 +329,20 @@ def allocation_events(prof: Any) -> list[tuple[int, int]]:
     return sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
 
 
+@contextlib.contextmanager
+def recorded_cuda_allocations(events: list[dict[str, Any]]) -> Iterator[None]:
+    """Append to ``events`` the CUDA caching allocator's events on the current device inside the block:
+    dicts with ``action`` (``alloc``, ``free_requested``, ``free_completed``, ...), ``addr``, ``size`` and,
+    for allocations, the Python ``frames`` that made them (innermost first)."""
+    torch.cuda.memory._record_memory_history("all", context="alloc", stacks="python")
+    try:
+        yield
+        torch.cuda.synchronize()
+        events.extend(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
+    finally:
+        torch.cuda.memory._record_memory_history(None)
+
+
 def mutated_inputs(gm: fx.GraphModule) -> set[fx.Node]:
     """The joint graph's inputs whose data the forward mutates outside the graph: those AOTAutograd
     returns an updated value for, by the descriptors of the graph's inputs and outputs. It writes the

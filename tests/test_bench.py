@@ -307,3 +307,37 @@ def test_sweep_verdicts() -> None:
     verdicts, failures = check_sweep([row(100, 90, 80, error="RuntimeError: boom\ntrace")])
     assert verdicts[0]["verdict"] == "error: RuntimeError: boom" and len(failures) == 1
     assert "(outside ±5%)" in format_verdicts(check_sweep([row(100, 90, 80)])[0])
+
+
+def test_allocation_trace_keeps_each_allocations_generated_line(tmp_path: Path) -> None:
+    """An allocation is attributed to its innermost frame outside installed packages (a compiled graph's
+    generated code), whose source is saved once; each graph's predicted timeline goes with it."""
+    import torch
+
+    from fxmem.bench.trace import trace_path, write_trace
+    from fxmem.compiler import FxmemCompiler
+    from tests.helpers import build, run_step
+
+    model, inputs = build("mlp")
+    compiler = FxmemCompiler(memory_budget=0.4, codegen="eager")
+    run_step(torch.compile(model, backend=compiler), inputs)
+    generated = tmp_path / "generated.py"
+    generated.write_text("buf0 = empty()\nbuf1 = empty()\n")
+    library = str(Path(torch.__file__).parent / "nn" / "functional.py")
+    frames = [{"filename": library, "line": 3, "name": "linear"}, {"filename": str(generated), "line": 2, "name": "c"}]
+    events = [
+        {"action": "alloc", "addr": 16, "size": 512, "frames": frames},
+        {"action": "segment_alloc", "addr": 0, "size": 2 << 20, "frames": []},
+        {"action": "free_requested", "addr": 16, "size": 512, "frames": []},
+    ]
+    path = trace_path(str(tmp_path / "traces"), "fxmem memory_budget=0.4")
+    assert path.name == "fxmem_memory_budget_0_4.json"
+    write_trace(path, {"label": "fxmem memory_budget=0.4", "options": {}}, compiler.reports, events, 1024, 4096)
+    trace = json.loads(path.read_text())
+    assert trace["events"] == [["alloc", 16, 512, str(generated), 2], ["free_requested", 16, 512, "", 0]]
+    assert trace["sources"] == {str(generated): generated.read_text()}
+    assert (trace["allocated_before"], trace["peak_bytes"]) == (1024, 4096)
+    (graph,) = trace["graphs"]
+    report = compiler.reports[0]
+    assert graph["predicted_peak_bytes"] == report.predicted_peak_bytes
+    assert [tuple(p) for p in graph["points"]] == report.timeline.points

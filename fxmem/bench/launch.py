@@ -129,11 +129,13 @@ def run_matrix(
     jobs: int = 1,
     threads: int | None = None,
     cold: bool = False,
+    trace: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per configuration, in the order given. Rows marked ``skipped`` (checkpointing a model
     without blocks) are left out. ``time_budget`` (seconds, whole matrix) stops starting configurations
-    once spent and cuts the timeouts of running ones to it. ``cold`` disables Inductor's caches."""
+    once spent and cuts the timeouts of running ones to it. ``cold`` disables Inductor's caches.
+    ``trace``: a folder for each CUDA row's allocation trace (``fxmem.bench.trace``)."""
     spec = resolve_spec(spec)
     env = _child_env(cold)
     deadline = None if time_budget is None else time.monotonic() + time_budget
@@ -141,6 +143,8 @@ def run_matrix(
         args = ["--steps", str(steps), "--warmup", str(warmup), "--device", device, "--dtype", dtype]
         if threads:
             args += ["--threads", str(threads)]
+        if trace:
+            args += ["--trace", str(Path(trace).resolve())]
         if jobs > 1:
             args += ["--lock", str(Path(tmp) / "timing.lock")]
         total = len(configs)

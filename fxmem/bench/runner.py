@@ -27,6 +27,7 @@ from typing import Any
 
 from fxmem.bench.measure import SavedTensors, add_note, grad_error, has_dropout, reference_grads
 from fxmem.bench.systems import fp8_note, fxmem_predictions, prepare
+from fxmem.bench.trace import trace_path, write_trace
 
 __all__ = ["ROW_FIELDS", "empty_row", "main", "run_config"]
 
@@ -87,11 +88,13 @@ def run_config(
     lock: str | None = None,
     label: str = "",
     threads: int | None = None,
+    trace: str | None = None,
 ) -> dict[str, Any]:
-    """Run one configuration; the row records an ``error`` instead of raising."""
+    """Run one configuration; the row records an ``error`` instead of raising. ``trace``: a folder for the
+    allocation trace of the measured CUDA step (``fxmem.bench.trace``)."""
     row = empty_row(config, label)
     try:
-        kw = dict(steps=steps, warmup=warmup, device=device, dtype=dtype, lock=lock, threads=threads)
+        kw = dict(steps=steps, warmup=warmup, device=device, dtype=dtype, lock=lock, threads=threads, trace=trace)
         _run(spec, config, row, **kw)
     except Exception as err:  # noqa: BLE001 - a failing configuration is a result, not a crash
         traceback.print_exc(file=sys.stderr)
@@ -193,8 +196,30 @@ def _run(spec: str, config: dict[str, Any], row: dict[str, Any], **kw: Any) -> N
             step()
             sync()
             row["peak_bytes"] = torch.cuda.max_memory_allocated()
+            if kw["trace"]:
+                _traced_step(step, row, kw["trace"])
     fxmem_predictions(row)
     fp8_note(config, row)
+
+
+def _traced_step(step: Any, row: dict[str, Any], folder: str) -> None:
+    """One more step, its allocations recorded and written to ``folder`` with fxmem's predictions. A
+    diagnostic: if it fails, the row says so and keeps its measurements."""
+    import torch
+
+    from fxmem._compat import recorded_cuda_allocations
+
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        allocated_before, events = torch.cuda.memory_allocated(), []
+        with recorded_cuda_allocations(events):
+            step()
+        reports = getattr(row.get("_compiler"), "reports", ())
+        peak = torch.cuda.max_memory_allocated()
+        write_trace(trace_path(folder, row["label"]), row, reports, events, allocated_before, peak)
+    except Exception as err:  # noqa: BLE001 - the row's measurements stand without the trace
+        traceback.print_exc(file=sys.stderr)
+        add_note(row, f"no allocation trace: {type(err).__name__}: {err}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--lock", default=None, help="a lock file held while timing (concurrent runs)")
+    parser.add_argument("--trace", default=None, help="a folder for the measured CUDA step's allocation trace")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     stdout = sys.stdout
@@ -223,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             lock=args.lock,
             label=args.label,
             threads=args.threads,
+            trace=args.trace,
         )
     finally:
         sys.stdout = stdout

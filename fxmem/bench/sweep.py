@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="rows compiling at once (default 1)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for each of the two runs")
     parser.add_argument("--json", help="write the rows and verdicts here")
+    parser.add_argument("--trace", help="a folder for each row's allocation trace (fxmem.bench.trace)")
     args = parser.parse_args(argv)
     spec = resolve_spec(args.spec)
-    run = dict(steps=args.steps, warmup=1, device=args.device, dtype=args.dtype, jobs=args.jobs,
+    run = dict(steps=args.steps, warmup=1, device=args.device, dtype=args.dtype, jobs=args.jobs, trace=args.trace,
                time_budget=args.time_budget, progress=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
 
     unbounded, smallest = run_matrix(spec, [_config(b, args.codegen) for b in (None, SMALLEST)], **run)
