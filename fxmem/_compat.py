@@ -30,7 +30,7 @@ from torch._functorch.partitioners import (
 )
 from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import is_sym_node, make_fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
@@ -38,6 +38,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = [
     "CustomPartitionerFn",
+    "FakeTensorMode",
     "StorageWeakRef",
     "allocation_events",
     "aot_autograd",
@@ -53,6 +54,7 @@ __all__ = [
     "inductor_decompositions",
     "inductor_joint_graph_passes",
     "inductor_layout_opt",
+    "inductor_reads_realized_inputs",
     "is_primal",
     "is_sym_node",
     "is_tangent",
@@ -60,6 +62,7 @@ __all__ = [
     "min_cut_rematerialization_partition",
     "must_be_in_backward",
     "mutated_inputs",
+    "recorded_cuda_allocations",
     "size_oblivious",
     "symbolic_expr",
     "tensor_metadata",
@@ -143,7 +146,6 @@ def size_oblivious(values: Any) -> Any:
 def _oblivious_slices_stay_backed() -> bool:
     """Traced size-obliviously, does ``cat([x, pad])[:n]`` keep a size in ``x``'s symbols? (What every
     codec does: pad to whole groups, quantize, cut back to ``n`` elements.)"""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental import _config as shapes_config
     from torch.fx.experimental.symbolic_shapes import (
         DimDynamic,
@@ -327,6 +329,14 @@ def allocation_events(prof: Any) -> list[tuple[int, int]]:
     ``torch.profiler.profile(profile_memory=True)`` recorded, in time order, those inside ops included."""
     events = prof.profiler.kineto_results.events()
     return sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+
+
+def inductor_reads_realized_inputs(target: Any) -> bool:
+    """Whether Inductor runs an op as a kernel of its own that reads its inputs from memory (a fallback,
+    or an op its lowering marks so), rather than as loops that compute their inputs inline."""
+    from torch._inductor import lowering
+
+    return target in lowering.needs_realized_inputs or target not in lowering.lowerings
 
 
 @contextlib.contextmanager

@@ -109,7 +109,7 @@ def _is_multi_output(node: fx.Node) -> bool:
     return bool(node.users) and all(u.target is operator.getitem for u in node.users)
 
 
-def _op_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
     return _target_name(node.target)
 
 
@@ -207,7 +207,7 @@ def _classify(node: fx.Node, is_view: bool, static_inputs: set[fx.Node]) -> str:
     tags = getattr(node.target, "tags", ())
     if RANDOM_TAG in tags and not _zero_dropout(node):
         return "random"
-    name = _op_name(node)
+    name = op_name(node)
     if is_view:
         return "view"
     if name in _MATMUL_OPS:
@@ -232,6 +232,12 @@ def _classify(node: fx.Node, is_view: bool, static_inputs: set[fx.Node]) -> str:
     }:
         return "pointwise"
     return "other"
+
+
+def op_kind(node: fx.Node, is_view: bool) -> str:
+    """The kind of a graph node outside the joint graph's forward (which ``capture`` classifies): a
+    backward node, or one a graph pass made."""
+    return _classify(node, is_view, set())
 
 
 def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indices: list[int]) -> JointGraph:
@@ -292,7 +298,7 @@ def _mark_extreme_values(joint: JointGraph) -> None:
     for node in joint.forward:
         facts = joint.facts[node]
         extreme = any(not abs(c) < _EXTREME for c in _float_constants(node))  # (nan too)
-        follows = facts.kind in ("view", "pointwise", "getitem") and _op_name(node) not in _SATURATING_OPS
+        follows = facts.kind in ("view", "pointwise", "getitem") and op_name(node) not in _SATURATING_OPS
         inherited = follows and not marked.isdisjoint(node.all_input_nodes)
         if extreme or inherited:
             marked.add(node)
@@ -334,7 +340,7 @@ def _mark_mutated_inputs(joint: JointGraph, mutated: set[fx.Node]) -> None:
 
 def _norm_kind(user: fx.Node) -> str | None:
     """Whether ``user`` normalises by the statistics of single rows (its last dim) or of many rows."""
-    name = _op_name(user)
+    name = op_name(user)
     if name not in _NORMALIZATION_OPS:
         return None
     if name in _ROW_NORMALIZATION_OPS:
@@ -367,7 +373,7 @@ def _mark_normalisation_inputs(joint: JointGraph) -> None:
             joint.facts[node].norm_input = kinds[node]
     for log_probs in log_softmaxes:
         for user in log_probs.users:
-            if user in joint.facts and _op_name(user) == "exp":
+            if user in joint.facts and op_name(user) == "exp":
                 # The loss's gradient is each probability itself, and the many tiny ones would come back as
                 # whole quantization steps (int8 gave 63% gradient error).
                 joint.facts[user].quantizable = False
@@ -375,12 +381,12 @@ def _mark_normalisation_inputs(joint: JointGraph) -> None:
 
 def _is_log_softmax(node: fx.Node) -> bool:
     """``_log_softmax``, or the form Inductor's graph has it in: ``x - log(sum(exp(x), dim, keepdim))``."""
-    if _op_name(node) == "_log_softmax":
+    if op_name(node) == "_log_softmax":
         return True
-    log = node.args[1] if _op_name(node) == "sub" and len(node.args) == 2 else None
-    total = log.args[0] if isinstance(log, fx.Node) and _op_name(log) == "log" else None
-    exp = total.args[0] if isinstance(total, fx.Node) and _op_name(total) == "sum" else None
-    return isinstance(exp, fx.Node) and _op_name(exp) == "exp" and exp.args[0] is node.args[0]
+    log = node.args[1] if op_name(node) == "sub" and len(node.args) == 2 else None
+    total = log.args[0] if isinstance(log, fx.Node) and op_name(log) == "log" else None
+    exp = total.args[0] if isinstance(total, fx.Node) and op_name(total) == "sum" else None
+    return isinstance(exp, fx.Node) and op_name(exp) == "exp" and exp.args[0] is node.args[0]
 
 
 def _view_base(node: fx.Node) -> fx.Node | None:
@@ -430,7 +436,7 @@ def _node_facts(
     # fx calls seeded ops impure; their randomness is handled by ``kind`` (zero-dropout attention is not)
     impure = node.op == "call_function" and node.is_impure() and RANDOM_TAG not in getattr(node.target, "tags", ())
     can_recompute = node.op in ("call_function", "get_attr") and kind not in ("random", "collective") and not impure
-    can_recompute = can_recompute and _op_name(node) not in _NEVER_RECOMPUTE_OPS
+    can_recompute = can_recompute and op_name(node) not in _NEVER_RECOMPUTE_OPS
     if policy_name == "MUST_SAVE":
         can_recompute = False
     # Views are recomputed from their base: saving one holds the base's whole storage anyway.
@@ -441,7 +447,7 @@ def _node_facts(
         can_save = False
     if node.op == "call_function" and not is_sym and tensor is None and not isinstance(val, (list, tuple)):
         if node.users:
-            raise UnsupportedGraph(f"node {node.name} ({_op_name(node)}) has no tensor metadata")
+            raise UnsupportedGraph(f"node {node.name} ({op_name(node)}) has no tensor metadata")
     value_bytes[node] = _bytes_of(val)
     return NodeFacts(
         name=node.name,
@@ -453,6 +459,6 @@ def _node_facts(
         can_save=can_save,
         quantizable=True,  # this and norm_input are set by _mark_normalisation_inputs once users are known
         norm_input=None,
-        sign_read=_op_name(node) in ("relu", "threshold"),
+        sign_read=op_name(node) in ("relu", "threshold"),
         user_policy=policy_name,
     )

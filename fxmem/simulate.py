@@ -17,10 +17,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxmem import _compat
+from fxmem.capture import op_kind, op_name
 from fxmem.memory import storage_bytes, storage_key
-
-# Ops whose result Inductor writes to memory even when a single pointwise consumer follows.
-_FUSIBLE_KINDS = ("pointwise", "view", "getitem")
 
 
 @dataclass
@@ -43,16 +42,87 @@ class Timeline:
         return phase, name
 
 
-def _is_fusible(node: fx.Node) -> bool:
+# How Inductor lowers a graph (``torch._inductor.graph.GraphLowering.run_node``): a pointwise or view
+# node becomes a loop body that its consumers inline, unless something makes it write a buffer: being
+# an output, feeding a kernel that reads memory (a matmul, an extern or fallback op), or, with several
+# consumers, reading many buffers or computing much (each consumer would redo it).
+_INLINED_KINDS = ("pointwise", "view", "getitem")
+_REUSED_READS = 4  # Inductor's realize_reads_threshold: more reads than this, stored when reused
+_MAX_READS = 8  # its realize_acc_reads_threshold: more than this, stored even with one consumer
+_REUSED_OPS = 30  # its realize_opcount_threshold: a larger loop body is stored when reused
+# On the CPU, a reused result of these is stored (Inductor's StorageBox.should_realize_on_reuse).
+_CPU_HEAVY_OPS = {"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"}
+
+
+def _kind(node: fx.Node) -> str:
     facts = node.meta.get("fxmem")
     kind = getattr(facts, "kind", None)
-    if kind is None:
-        tags = getattr(node.target, "tags", ())
-        kind = "pointwise" if torch.Tag.pointwise in tags else "other"
-    if kind not in _FUSIBLE_KINDS:
+    return kind if kind is not None else op_kind(node, _returns_view(node.target))
+
+
+def _stored_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose result Inductor writes to memory (placeholders included); the others are inlined
+    into the kernels of their consumers."""
+    stored: set[fx.Node] = set()
+    reads: dict[fx.Node, set[Any]] = {}  # the buffers an inlined loop body reads
+    ops: dict[fx.Node, int] = {}  # and about how many ops it computes
+    heavy: set[fx.Node] = set()  # those that compute a heavy op (on the CPU)
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            break
+        if node.op != "call_function" or _kind(node) not in _INLINED_KINDS:
+            stored.add(node)
+            continue
+        inputs = node.all_input_nodes
+        reads[node] = set().union(*(reads[a] if a in reads else {a} for a in inputs))
+        ops[node] = 1 + sum(ops.get(a, 0) for a in inputs)
+        if op_name(node) in _CPU_HEAVY_OPS or not heavy.isdisjoint(inputs):
+            heavy.add(node)
+        users = list(node.users)
+        reused = len(users) > 1 and (
+            len(reads[node]) > _REUSED_READS or ops[node] > _REUSED_OPS or (node in heavy and _is_cpu(node))
+        )
+        if reused or len(reads[node]) > _MAX_READS or any(_reads_memory(u) for u in users):
+            stored.add(node)
+            del reads[node], ops[node]
+            heavy.discard(node)
+    return stored
+
+
+def _reads_memory(consumer: fx.Node) -> bool:
+    """Whether a consumer needs its inputs written to memory: the graph's output, a matmul (Inductor's
+    templates and extern calls read buffers), or an op Inductor does not lower into loops."""
+    if consumer.op != "call_function":
+        return True
+    if consumer.target is operator.getitem:
         return False
-    consumers = list(node.users)
-    return len(consumers) == 1 and consumers[0].op == "call_function"
+    return _kind(consumer) == "matmul" or _compat.inductor_reads_realized_inputs(consumer.target)
+
+
+def _fused_backward_order(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
+    """The backward's nodes in the order Inductor's kernels compute them, roughly: its scheduler fuses a
+    kernel that does not need the incoming gradients into an earlier one that reads the same buffers
+    (a normalisation's backward terms into the kernel that recomputes its input; weight casts together
+    at the start), so those results are written as soon as their inputs are. Such stored pointwise nodes
+    move right after their last input (an upper bound on how early); the others keep their place."""
+    nodes = list(gm.graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
+    needs_grads = {n for n in nodes if n.op == "placeholder" and _compat.is_tangent(n)}
+    ready: dict[fx.Node, int] = {}  # hoisted node -> index of the unmoved node it must follow
+    for node in nodes:
+        if node.op == "placeholder" or node.op == "output":
+            continue
+        inputs = node.all_input_nodes
+        if not needs_grads.isdisjoint(inputs):
+            needs_grads.add(node)
+        elif node in stored and _kind(node) == "pointwise":
+            ready[node] = max((ready.get(a, index[a]) for a in inputs), default=-1)
+    return sorted(nodes, key=lambda n: (ready[n], 1, index[n]) if n in ready else (index[n], 0, 0))
+
+
+def _is_cpu(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.device.type == "cpu"
 
 
 class _Memory:
@@ -107,7 +177,8 @@ def _walk(
     timeline: Timeline,
 ) -> None:
     """Run ``gm`` through ``memory``: inputs are held on entry; nodes named in ``keep`` outlive it."""
-    nodes = list(gm.graph.nodes)
+    stored = _stored_nodes(gm) if fused else set(gm.graph.nodes)
+    nodes = _fused_backward_order(gm, stored) if fused and phase == "backward" else list(gm.graph.nodes)
     last_use: dict[fx.Node, int] = {}
     for i, node in enumerate(nodes):
         for arg in node.all_input_nodes:
@@ -120,8 +191,7 @@ def _walk(
         val = node.meta.get("val")
         key = keys[node] = _aliased_key(node, keys) or storage_key(val)
         if key is not None and key not in static_keys:
-            materialised = node.op == "placeholder" or not (fused and _is_fusible(node))
-            if materialised or key in memory.sizes:
+            if node in stored or key in memory.sizes:
                 memory.hold(key, storage_bytes(val))
                 held[node] = key
         # Inputs are all live on entry: one point once the first op runs. Unfused, an op's result is

@@ -341,3 +341,37 @@ def test_allocation_trace_keeps_each_allocations_generated_line(tmp_path: Path) 
     report = compiler.reports[0]
     assert graph["predicted_peak_bytes"] == report.predicted_peak_bytes
     assert [tuple(p) for p in graph["points"]] == report.timeline.points
+
+
+def test_recorded_simulations_load_back_into_the_same_timelines(monkeypatch: pytest.MonkeyPatch):
+    """A plan's graphs saved as tables (with a trace) and loaded back, on meta values, simulate to the
+    same peak, fused or not: the trace of a GPU step can be replayed against the simulator anywhere."""
+    import torch
+
+    from fxmem import partitioner
+    from fxmem.bench.trace import load_simulation, recorded_simulations
+    from fxmem.compiler import FxmemCompiler
+    from fxmem.simulate import simulate
+    from tests.helpers import build, run_step
+
+    originals = []
+
+    def keep(fw, bw, num_fwd_outputs, static, **kwargs):
+        originals.append((fw, bw, num_fwd_outputs, list(static), kwargs))
+        return simulate(fw, bw, num_fwd_outputs, originals[-1][3], **kwargs)
+
+    monkeypatch.setattr(partitioner, "simulate", keep)
+    model, inputs = build("gpt")
+    recorded: list = []
+    with recorded_simulations(recorded):
+        run_step(torch.compile(model, backend=FxmemCompiler(memory_budget=0.4, codegen="eager")), inputs)
+    assert partitioner.simulate is keep
+    assert len(recorded) == len(originals) >= 1
+    for table, (fw, bw, num_fwd_outputs, static, kwargs) in zip(recorded, originals, strict=True):
+        table = json.loads(json.dumps(table))
+        loaded_fw, loaded_bw, loaded = load_simulation(table)
+        assert simulate(loaded_fw, loaded_bw, **loaded).peak_bytes == table["peak_bytes"]
+        for fused in (True, False):
+            want = simulate(fw, bw, num_fwd_outputs, static, fused=fused, outside_bytes=kwargs["outside_bytes"])
+            got = simulate(loaded_fw, loaded_bw, **{**loaded, "fused": fused})
+            assert got.points == want.points, fused

@@ -75,7 +75,9 @@ def has_dropout(model: Any) -> bool:
 
 def reference_grads(model: Any, inputs: tuple[Any, ...], autocast: Any) -> dict[str, Any]:
     """The gradients one eager forward + backward gives on a copy of ``model``: what a system's first step
-    is compared with. The copy goes before the system touches the model; ``model`` is left as it was."""
+    is compared with. The copy goes before the system touches the model; ``model`` is left as it was. The
+    gradients are kept in host memory: on the device they would count as memory the compiled step trains
+    with (fxmem's absolute budgets read how much is allocated when they compile)."""
     import copy
 
     import torch
@@ -85,7 +87,7 @@ def reference_grads(model: Any, inputs: tuple[Any, ...], autocast: Any) -> dict[
     with autocast:
         loss = twin(*inputs)
     loss.backward()
-    grads = {name: p.grad for name, p in twin.named_parameters()}
+    grads = {name: None if p.grad is None else p.grad.cpu() for name, p in twin.named_parameters()}
     del twin, loss
     return grads
 
@@ -101,7 +103,7 @@ def grad_error(model: Any, reference: dict[str, Any]) -> float:
         if p.grad is None or ref is None:
             return float("inf")
         scale = ref.detach().abs().max().float().item()
-        diff = (p.grad.detach().float() - ref.detach().float()).abs().max().item()
+        diff = (p.grad.detach().float().cpu() - ref.detach().float()).abs().max().item()
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
 

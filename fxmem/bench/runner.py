@@ -27,7 +27,7 @@ from typing import Any
 
 from fxmem.bench.measure import SavedTensors, add_note, grad_error, has_dropout, reference_grads
 from fxmem.bench.systems import fp8_note, fxmem_predictions, prepare
-from fxmem.bench.trace import trace_path, write_trace
+from fxmem.bench.trace import recorded_simulations, trace_path, write_trace
 
 __all__ = ["ROW_FIELDS", "empty_row", "main", "run_config"]
 
@@ -175,7 +175,9 @@ def _run(spec: str, config: dict[str, Any], row: dict[str, Any], **kw: Any) -> N
             reference.clear()
 
     torch.manual_seed(0)
-    row["compile_s"], _ = timed(compare)
+    simulations: list[dict[str, Any]] = []  # the plans fxmem simulates while compiling, for the trace
+    with recorded_simulations(simulations) if kw["trace"] else contextlib.nullcontext():
+        row["compile_s"], _ = timed(compare)
     with _lock(kw["lock"]):
         for _ in range(warmup - 1):
             timed()
@@ -197,12 +199,12 @@ def _run(spec: str, config: dict[str, Any], row: dict[str, Any], **kw: Any) -> N
             sync()
             row["peak_bytes"] = torch.cuda.max_memory_allocated()
             if kw["trace"]:
-                _traced_step(step, row, kw["trace"])
+                _traced_step(step, row, kw["trace"], simulations)
     fxmem_predictions(row)
     fp8_note(config, row)
 
 
-def _traced_step(step: Any, row: dict[str, Any], folder: str) -> None:
+def _traced_step(step: Any, row: dict[str, Any], folder: str, simulations: list[dict[str, Any]]) -> None:
     """One more step, its allocations recorded and written to ``folder`` with fxmem's predictions. A
     diagnostic: if it fails, the row says so and keeps its measurements."""
     import torch
@@ -216,7 +218,8 @@ def _traced_step(step: Any, row: dict[str, Any], folder: str) -> None:
             step()
         reports = getattr(row.get("_compiler"), "reports", ())
         peak = torch.cuda.max_memory_allocated()
-        write_trace(trace_path(folder, row["label"]), row, reports, events, allocated_before, peak)
+        path = trace_path(folder, row["label"])
+        write_trace(path, row, reports, events, allocated_before, peak, simulations)
     except Exception as err:  # noqa: BLE001 - the row's measurements stand without the trace
         traceback.print_exc(file=sys.stderr)
         add_note(row, f"no allocation trace: {type(err).__name__}: {err}")

@@ -3,21 +3,26 @@
 ``python -m fxmem.bench.runner ... --trace DIR`` (and ``python -m fxmem.bench.sweep ... --trace DIR``)
 writes one JSON file per configuration: the caching allocator's events over the measured step, each
 allocation with the line of code that made it; the source of the generated modules those lines are in
-(Inductor's output code); and each graph's predicted timeline. It is how the simulator's fused model is
-checked against what Inductor's code really allocates on a GPU.
+(Inductor's output code); each graph's predicted timeline; and the forward and backward graphs fxmem
+simulated, as tables that ``load_simulation`` turns back into graphs (with fake values), so that
+the simulator's fused model can be checked and changed against what Inductor's code really allocated on
+a GPU, on any machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import operator
 import os
 import re
 import sys
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["trace_path", "write_trace"]
+__all__ = ["load_simulation", "recorded_simulations", "trace_path", "write_trace"]
 
 _LIBRARY_DIRS = tuple(
     str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)}
@@ -47,6 +52,7 @@ def write_trace(
     events: Sequence[dict[str, Any]],
     allocated_before: int,
     peak_bytes: int,
+    simulations: Sequence[dict[str, Any]] = (),
 ) -> None:
     """Write the trace of one configuration's measured step to ``path`` (JSON)."""
     kept, sources = [], {}
@@ -75,6 +81,125 @@ def write_trace(
         "events": kept,  # [action, addr, size, file, line]
         "sources": sources,
         "graphs": graphs,
+        "simulations": list(simulations),  # from recorded_simulations
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(trace))
+
+
+@contextlib.contextmanager
+def recorded_simulations(sink: list[dict[str, Any]]) -> Iterator[None]:
+    """Append to ``sink`` every plan fxmem's partitioner simulates inside the block: its forward and
+    backward as tables (``load_simulation`` reads them back), the simulation's arguments and peak."""
+    from fxmem import partitioner
+
+    simulate = partitioner.simulate
+
+    def recording(fw: Any, bw: Any, num_fwd_outputs: int, static: Any, **kwargs: Any) -> Any:
+        static = list(static)
+        timeline = simulate(fw, bw, num_fwd_outputs, static, **kwargs)
+        storages: dict[Any, int] = {}
+        sink.append({
+            "forward": _graph_table(fw, storages), "backward": _graph_table(bw, storages),
+            "static": sorted({_storage_id(v, storages) for v in static if _is_tensor(v)}),
+            "num_fwd_outputs": num_fwd_outputs, "peak_bytes": timeline.peak_bytes, **kwargs,
+        })  # fmt: skip
+        return timeline
+
+    partitioner.simulate = recording
+    try:
+        yield
+    finally:
+        partitioner.simulate = simulate
+
+
+def load_simulation(recorded: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """``(forward, backward, keyword arguments)`` for ``fxmem.simulate.simulate`` from a recorded plan."""
+    bases: dict[int, Any] = {}
+    fw, fw_vals = _graph_from_table(recorded["forward"], bases)
+    bw, _ = _graph_from_table(recorded["backward"], bases)
+    static = [val for storage, val in fw_vals if storage in set(recorded["static"])]
+    kwargs = {k: recorded[k] for k in ("fused", "outside_bytes") if k in recorded}
+    return fw, bw, {"num_fwd_outputs": recorded["num_fwd_outputs"], "static": static, **kwargs}
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _storage_id(val: Any, storages: dict[Any, int]) -> int:
+    from fxmem.memory import storage_key
+
+    return storages.setdefault(storage_key(val), len(storages))
+
+
+def _graph_table(gm: Any, storages: dict[Any, int]) -> list[list[Any]]:
+    """One row per node: name, op, target, input names (``args[0]`` first where it is a node), the
+    getitem index, fxmem's kind, and the value (a tensor's sizes, strides, offset, dtype, device and
+    storage, or None)."""
+    from fxmem.memory import storage_bytes
+
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            outputs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+            rows.append([node.name, "output", "", [getattr(o, "name", None) for o in outputs], None, None, None])
+            continue
+        val, value = node.meta.get("val"), None
+        if _is_tensor(val):
+            shape, stride = [int(s) for s in val.shape], [int(s) for s in val.stride()]
+            value = [shape, stride, int(val.storage_offset()), str(val.dtype), val.device.type,
+                     _storage_id(val, storages), storage_bytes(val)]  # fmt: skip
+        index = node.args[1] if node.target is operator.getitem else None
+        kind = getattr(node.meta.get("fxmem"), "kind", None)
+        rows.append([node.name, node.op, str(node.target), [a.name for a in node.all_input_nodes], index, kind, value])
+    return rows
+
+
+def _target(name: str) -> Any:
+    import torch
+
+    if name == str(operator.getitem):
+        return operator.getitem
+    found: Any = torch.ops
+    for part in name.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return _unknown_op
+    return found
+
+
+def _unknown_op(*args: Any) -> None:
+    """Stands for an op the loading torch does not have (fxmem classes it ``other``)."""
+
+
+def _graph_from_table(rows: list[list[Any]], bases: dict[int, Any]) -> tuple[Any, list[tuple[int, Any]]]:
+    """The graph of a table, and its tensor values with their storages' ids."""
+    import torch
+    import torch.fx as fx
+
+    from fxmem._compat import FakeTensorMode
+
+    graph, nodes, vals, mode = fx.Graph(), {}, [], FakeTensorMode()
+    for name, op, target, inputs, index, kind, value in rows:
+        if op == "output":
+            graph.output([nodes[n] if n is not None else None for n in inputs])
+            break
+        args = tuple(nodes[n] for n in inputs) + ((index,) if index is not None else ())
+        node = (
+            graph.placeholder(name) if op == "placeholder" else graph.create_node(op, _target(target), args, name=name)
+        )
+        if kind is not None:
+            node.meta["fxmem"] = types.SimpleNamespace(kind=kind)
+        if value is not None:
+            shape, stride, offset, dtype, device, storage, nbytes = value
+            with mode:  # fake tensors: on the device recorded, with no memory behind them
+                if storage not in bases:
+                    bases[storage] = torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
+                empty = torch.empty(0, dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)
+                node.meta["val"] = empty.set_(bases[storage], offset, shape, stride)
+            vals.append((storage, node.meta["val"]))
+        nodes[name] = node
+    return fx.GraphModule(torch.nn.Module(), graph), vals
