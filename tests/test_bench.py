@@ -332,14 +332,17 @@ def test_allocation_trace_keeps_each_allocations_generated_line(tmp_path: Path) 
     ]
     path = trace_path(str(tmp_path / "traces"), "fxmem memory_budget=0.4")
     assert path.name == "fxmem_memory_budget_0_4.json"
-    write_trace(path, {"label": "fxmem memory_budget=0.4", "options": {}}, compiler.reports, events, 1024, 4096)
+    report = compiler.reports[0]
+    simulations = [{"peak_bytes": report.timeline.peak_bytes}, {"peak_bytes": 1}]
+    row = {"label": "fxmem memory_budget=0.4", "options": {}}
+    write_trace(path, row, compiler.reports, events, 1024, 4096, simulations)
     trace = json.loads(path.read_text())
     assert trace["events"] == [["alloc", 16, 512, str(generated), 2], ["free_requested", 16, 512, "", 0]]
     assert trace["sources"] == {str(generated): generated.read_text()}
     assert (trace["allocated_before"], trace["peak_bytes"]) == (1024, 4096)
     (graph,) = trace["graphs"]
-    report = compiler.reports[0]
     assert graph["predicted_peak_bytes"] == report.predicted_peak_bytes
+    assert graph["simulation"] == 0 and trace["simulations"] == simulations
     assert [tuple(p) for p in graph["points"]] == report.timeline.points
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fxmem.simulate import _stored_nodes
+from fxmem.simulate import Timeline, _Memory, _stored_nodes, _walk
 
 
 def _stored(fn, *inputs: torch.Tensor) -> set[str]:
@@ -58,3 +58,49 @@ def test_heavy_reused_results_are_written_on_the_cpu_only():
 
     assert "exp" in _stored(reused_exp, torch.ones(4, 8))
     assert "exp" not in _stored(reused_exp, torch.ones(4, 8, device="meta"))
+
+
+def test_a_long_or_wide_loop_body_is_written_even_with_one_reader():
+    """Past about 30 ops, or more than eight buffers read, Inductor writes a result however few read it."""
+
+    def chain(x: torch.Tensor, n: int) -> torch.Tensor:
+        for _ in range(n):
+            x = x * 1.5
+        return x.sum()
+
+    short, long = _stored(lambda x: chain(x, 10), torch.ones(8)), _stored(lambda x: chain(x, 40), torch.ones(8))
+    assert short == {"sum_1"}
+    assert len(long) > 1 and "sum_1" in long
+
+    def wide(*xs: torch.Tensor) -> torch.Tensor:
+        return sum(xs[1:], xs[0]).sum()
+
+    assert _stored(wide, *[torch.ones(8) for _ in range(8)]) == {"sum_1"}
+    assert len(_stored(wide, *[torch.ones(8) for _ in range(10)])) > 1
+
+
+def _fused_walk(fn, *inputs: torch.Tensor) -> Timeline:
+    gm = make_fx(fn)(*inputs)
+    timeline = Timeline()
+    _walk(gm, _Memory(0), "forward", set(), set(), True, timeline)
+    return timeline
+
+
+def test_an_inlined_nodes_input_lives_until_the_kernel_that_computes_it():
+    """``y = t * 2`` is computed inside the kernel of ``y + big.sum()``, after the matmul ``big``: ``t``
+    (64 KiB) is still live once ``big`` (256 KiB) is written, though the graph's last reader of ``t``
+    comes before it (the inputs, read last by the matmuls, are gone). The fused walk counts graph memory
+    with its allowance (6/5)."""
+
+    def f(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        t = a @ b
+        y = t * 2
+        big = w @ w
+        return y + big.sum()
+
+    t_bytes, big_bytes = 128 * 128 * 4, 256 * 256 * 4
+    points = {
+        name: live
+        for _, name, live in _fused_walk(f, torch.ones(128, 64), torch.ones(64, 128), torch.ones(256, 256)).points
+    }
+    assert points["mm_1"] == (t_bytes + big_bytes) * 6 // 5

@@ -63,12 +63,15 @@ def write_trace(
         kept.append([event["action"], event["addr"], event["size"], *(origin or ("", 0))])
         if origin and origin[0] not in sources and os.path.isfile(origin[0]):
             sources[origin[0]] = Path(origin[0]).read_text()
+    peaks = [s["peak_bytes"] for s in simulations]
     graphs = [
         {
             "graph_id": r.graph_id,
             "predicted_peak_bytes": r.predicted_peak_bytes,
             "static_bytes": r.timeline.static_bytes,
             "points": r.timeline.points,
+            # the simulation of the plan it chose: the last one with its peak (None if not recorded)
+            "simulation": max((i for i, p in enumerate(peaks) if p == r.timeline.peak_bytes), default=None),
         }
         for r in reports
         if getattr(r, "timeline", None) is not None
