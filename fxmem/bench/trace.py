@@ -139,26 +139,62 @@ def _storage_id(val: Any, storages: dict[Any, int]) -> int:
 
 
 def _graph_table(gm: Any, storages: dict[Any, int]) -> list[list[Any]]:
-    """One row per node: name, op, target, input names (``args[0]`` first where it is a node), the
-    getitem index, fxmem's kind, and the value (a tensor's sizes, strides, offset, dtype, device and
-    storage, or None)."""
+    """One row per node: name, op, target, its arguments and keyword arguments (``_encode``), fxmem's kind,
+    and the value (a tensor's sizes, strides, offset, dtype, device and storage, or None)."""
     from fxmem.memory import storage_bytes
 
     rows = []
     for node in gm.graph.nodes:
-        if node.op == "output":
-            outputs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
-            rows.append([node.name, "output", "", [getattr(o, "name", None) for o in outputs], None, None, None])
-            continue
         val, value = node.meta.get("val"), None
         if _is_tensor(val):
             shape, stride = [int(s) for s in val.shape], [int(s) for s in val.stride()]
             value = [shape, stride, int(val.storage_offset()), str(val.dtype), val.device.type,
                      _storage_id(val, storages), storage_bytes(val)]  # fmt: skip
-        index = node.args[1] if node.target is operator.getitem else None
         kind = getattr(node.meta.get("fxmem"), "kind", None)
-        rows.append([node.name, node.op, str(node.target), [a.name for a in node.all_input_nodes], index, kind, value])
+        rows.append([node.name, node.op, str(node.target), _encode(node.args), _encode(node.kwargs), kind, value])
     return rows
+
+
+def _encode(value: Any) -> Any:
+    """An argument as JSON: a node as ``{"node": name}``, a dtype, device, layout or memory format by name,
+    a size by its traced value, containers item by item."""
+    import torch
+    import torch.fx as fx
+
+    from fxmem._compat import hint
+
+    if isinstance(value, fx.Node):
+        return {"node": value.name}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {"dict": {k: _encode(v) for k, v in value.items()}}
+    if isinstance(value, torch.SymInt):
+        return hint(value)
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return {type(value).__name__: str(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return {"repr": repr(value)}
+
+
+def _decode(value: Any, nodes: dict[str, Any]) -> Any:
+    import torch
+
+    if isinstance(value, list):
+        return tuple(_decode(v, nodes) for v in value)
+    if not isinstance(value, dict):
+        return value
+    ((tag, item),) = value.items()
+    if tag == "node":
+        return nodes[item]
+    if tag == "dict":
+        return {k: _decode(v, nodes) for k, v in item.items()}
+    if tag == "device":
+        return torch.device(item)
+    if tag in ("dtype", "layout", "memory_format"):
+        return getattr(torch, item.removeprefix("torch."))
+    return item  # a value JSON cannot hold, as its repr
 
 
 def _target(name: str) -> Any:
@@ -186,14 +222,15 @@ def _graph_from_table(rows: list[list[Any]], bases: dict[int, Any]) -> tuple[Any
     from fxmem._compat import FakeTensorMode
 
     graph, nodes, vals, mode = fx.Graph(), {}, [], FakeTensorMode()
-    for name, op, target, inputs, index, kind, value in rows:
+    for name, op, target, args, kwargs, kind, value in rows:
+        args, kwargs = _decode(args, nodes), _decode(kwargs, nodes)
         if op == "output":
-            graph.output([nodes[n] if n is not None else None for n in inputs])
+            graph.output(*args)
             break
-        args = tuple(nodes[n] for n in inputs) + ((index,) if index is not None else ())
-        node = (
-            graph.placeholder(name) if op == "placeholder" else graph.create_node(op, _target(target), args, name=name)
-        )
+        if op == "placeholder":
+            node = graph.placeholder(name)
+        else:
+            node = graph.create_node(op, _target(target), args, kwargs, name=name)
         if kind is not None:
             node.meta["fxmem"] = types.SimpleNamespace(kind=kind)
         if value is not None:
