@@ -378,3 +378,23 @@ def test_recorded_simulations_load_back_into_the_same_timelines(monkeypatch: pyt
             want = simulate(fw, bw, num_fwd_outputs, static, fused=fused, outside_bytes=kwargs["outside_bytes"])
             got = simulate(loaded_fw, loaded_bw, **{**loaded, "fused": fused})
             assert got.points == want.points, fused
+
+
+def test_joint_graphs_copy_graphs_that_hold_tensor_constants():
+    """A tensor made in ``forward`` becomes a constant of the joint graph; the copy keeps it real and the
+    graph's values fake."""
+    import torch
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.linear(x) * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum()
+
+    (joint,) = joint_graphs(Scaled(), (torch.randn(2, 4),), run=False)
+    gm = joint[0]
+    (constant,) = gm.graph.find_nodes(op="get_attr")
+    assert torch.equal(getattr(gm, constant.target), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert all(type(n.meta["val"]).__name__ == "FakeTensor" for n in gm.graph.find_nodes(op="placeholder"))

@@ -147,7 +147,10 @@ def joint_graphs(model: Any, inputs: Any, *, run: bool = True) -> list[tuple[Any
     captured: list[tuple[Any, list, dict]] = []
 
     def record(gm: Any, joint_inputs: Any, **kwargs: Any) -> Any:
-        captured.append((copy.deepcopy(gm), list(joint_inputs), dict(kwargs)))
+        # Outside the fake mode the partitioner runs in: under it, copying a real tensor constant of the
+        # graph would make its copy a fake one, on the meta device, which fails.
+        with _compat.unset_fake_temporarily():
+            captured.append((copy.deepcopy(gm), list(joint_inputs), dict(kwargs)))
         if not run:
             raise _Captured
         return _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
