@@ -55,7 +55,7 @@ _MAX_READS = 8  # its realize_acc_reads_threshold: more than this, stored whatev
 _MAX_OPS = 30  # its realize_opcount_threshold: a larger loop body is stored whatever reads it
 # Inductor's scheduler then fuses kernels across the graph, computing some results earlier and keeping
 # some buffers alive longer than the graph's order says; that is not modelled. On an H200 (torch 2.11,
-# GPT small and GPT-2 small, eight plans) a step's graph memory was 1.06-1.17x what the walk predicts:
+# GPT small and GPT-2 small, eight steps traced) a step's graph memory was 1.06-1.17x what the walk predicts:
 # the fused walk counts it 6/5, so that an absolute budget holds on the device.
 _FUSED_ALLOWANCE = (6, 5)
 # On the CPU, a reused result of these is stored (Inductor's StorageBox.should_realize_on_reuse).
