@@ -55,6 +55,7 @@ __all__ = [
     "inductor_joint_graph_passes",
     "inductor_layout_opt",
     "inductor_reads_realized_inputs",
+    "inductor_realize_thresholds",
     "is_primal",
     "is_sym_node",
     "is_tangent",
@@ -337,6 +338,25 @@ def inductor_reads_realized_inputs(target: Any) -> bool:
     from torch._inductor import lowering
 
     return target in lowering.needs_realized_inputs or target not in lowering.lowerings
+
+
+def inductor_realize_thresholds(cpu: bool) -> tuple[int, int, int]:
+    """Inductor's limits on inlining a loop body into the kernels that read it, on this torch: the buffers
+    a reused one may read, the buffers any may read, and the ops any may compute (larger on the CPU
+    where this torch sets CPU limits)."""
+    from torch._inductor import config
+
+    def limit(name: str, default: int) -> int:
+        value = getattr(config, name, None)  # None on a torch that picks by device
+        if value is None and cpu:
+            value = getattr(config, name.replace("realize_", "realize_cpu_"), None)
+        return int(getattr(config, f"_{name}_default", default) if value is None else value)
+
+    return (
+        getattr(config, "realize_reads_threshold", 4),
+        limit("realize_acc_reads_threshold", 8),
+        limit("realize_opcount_threshold", 30),
+    )
 
 
 @contextlib.contextmanager

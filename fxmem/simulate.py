@@ -50,9 +50,6 @@ class Timeline:
 # consumers, reading many buffers or computing much (each consumer would redo it).
 _INLINED_KINDS = ("pointwise", "view", "getitem")
 _INDEXING_OPS = {"embedding", "gather", "index", "iota", "arange"}  # lowered to loads a loop body inlines
-_REUSED_READS = 4  # Inductor's realize_reads_threshold: more reads than this, stored when reused
-_MAX_READS = 8  # its realize_acc_reads_threshold: more than this, stored whatever reads it
-_MAX_OPS = 30  # its realize_opcount_threshold: a larger loop body is stored whatever reads it
 # Inductor's scheduler then fuses kernels across the graph, computing some results earlier and keeping
 # some buffers alive longer than the graph's order says; that is not modelled. On an H200 (torch 2.11,
 # GPT small and GPT-2 small, eight steps traced) a step's graph memory was 1.06-1.17x what the walk predicts:
@@ -71,6 +68,10 @@ def _kind(node: fx.Node) -> str:
 def _stored_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """The nodes whose result Inductor writes to memory (placeholders included); the others are inlined
     into the kernels of their consumers."""
+    on_cpu = any(_is_cpu(p) for p in gm.graph.find_nodes(op="placeholder"))
+    # A loop body is stored past reading more buffers than the first when reused, the second in any case,
+    # or computing more ops than the third (Inductor's realize_* thresholds for the device).
+    reused_reads, max_reads, max_ops = _compat.inductor_realize_thresholds(on_cpu)
     stored: set[fx.Node] = set()
     reads: dict[fx.Node, set[Any]] = {}  # the buffers an inlined loop body reads
     body: dict[fx.Node, set[fx.Node]] = {}  # and the ops it computes, each once (Inductor counts them so)
@@ -91,8 +92,8 @@ def _stored_nodes(gm: fx.GraphModule) -> set[fx.Node]:
         if name in _CPU_HEAVY_OPS or not heavy.isdisjoint(inputs):
             heavy.add(node)
         users = list(node.users)
-        large = ops > _MAX_OPS or len(reads[node]) > _MAX_READS
-        reused = len(users) > 1 and (len(reads[node]) > _REUSED_READS or (node in heavy and _is_cpu(node)))
+        large = ops > max_ops or len(reads[node]) > max_reads
+        reused = len(users) > 1 and (len(reads[node]) > reused_reads or (node in heavy and on_cpu))
         if large or reused or any(_reads_memory(u) for u in users):
             stored.add(node)
             del reads[node], body[node]

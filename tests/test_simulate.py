@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fxmem import _compat
 from fxmem.simulate import Timeline, _Memory, _stored_nodes, _walk
 
 
-def _stored(fn, *inputs: torch.Tensor) -> set[str]:
-    gm = make_fx(fn)(*inputs)
+def _stored(fn, *inputs: torch.Tensor, device: str = "meta") -> set[str]:
+    """The call nodes of ``fn``'s graph that Inductor would write, traced on ``device`` (meta: a GPU's
+    limits; the CPU's can be larger)."""
+    gm = make_fx(fn)(*(x.to(device) for x in inputs))
     return {n.name for n in _stored_nodes(gm) if n.op == "call_function"}
 
 
@@ -56,8 +59,8 @@ def test_heavy_reused_results_are_written_on_the_cpu_only():
         y = x.exp()
         return y.sum() + y.amax()
 
-    assert "exp" in _stored(reused_exp, torch.ones(4, 8))
-    assert "exp" not in _stored(reused_exp, torch.ones(4, 8, device="meta"))
+    assert "exp" in _stored(reused_exp, torch.ones(4, 8), device="cpu")
+    assert "exp" not in _stored(reused_exp, torch.ones(4, 8))
 
 
 def test_a_long_or_wide_loop_body_is_written_even_with_one_reader():
@@ -77,6 +80,21 @@ def test_a_long_or_wide_loop_body_is_written_even_with_one_reader():
 
     assert _stored(wide, *[torch.ones(8) for _ in range(8)]) == {"sum_1"}
     assert len(_stored(wide, *[torch.ones(8) for _ in range(10)])) > 1
+
+
+def test_the_limits_are_inductors_for_the_device():
+    """The limits come from Inductor's config on this torch; where it sets larger ones for the CPU, a
+    loop body the GPU would store stays inlined on the CPU."""
+    gpu, cpu = _compat.inductor_realize_thresholds(False), _compat.inductor_realize_thresholds(True)
+    assert gpu == (4, 8, 30) and all(c >= g for c, g in zip(cpu, gpu, strict=True))
+
+    def chain(x: torch.Tensor) -> torch.Tensor:
+        for _ in range(40):  # 40 ops and one read
+            x = x * 1.5
+        return x.sum()
+
+    assert len(_stored(chain, torch.ones(8))) > 1
+    assert (len(_stored(chain, torch.ones(8), device="cpu")) > 1) == (41 > cpu[2])
 
 
 def _fused_walk(fn, *inputs: torch.Tensor) -> Timeline:
