@@ -75,7 +75,7 @@ def _stored_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     stored: set[fx.Node] = set()
     reads: dict[fx.Node, set[Any]] = {}  # the buffers an inlined loop body reads
     body: dict[fx.Node, set[fx.Node]] = {}  # and the ops it computes, each once (Inductor counts them so)
-    heavy: set[fx.Node] = set()  # those that compute a heavy op (on the CPU)
+    heavy: set[fx.Node] = set()  # on the CPU, those that compute a heavy op
     for node in gm.graph.nodes:
         if node.op == "output":
             break
@@ -89,11 +89,11 @@ def _stored_nodes(gm: fx.GraphModule) -> set[fx.Node]:
         if kind not in ("view", "getitem"):
             body[node].add(node)
         ops = len(body[node]) + len(reads[node])
-        if name in _CPU_HEAVY_OPS or not heavy.isdisjoint(inputs):
+        if on_cpu and (name in _CPU_HEAVY_OPS or not heavy.isdisjoint(inputs)):
             heavy.add(node)
         users = list(node.users)
         large = ops > max_ops or len(reads[node]) > max_reads
-        reused = len(users) > 1 and (len(reads[node]) > reused_reads or (node in heavy and on_cpu))
+        reused = len(users) > 1 and (len(reads[node]) > reused_reads or node in heavy)
         if large or reused or any(_reads_memory(u) for u in users):
             stored.add(node)
             del reads[node], body[node]

@@ -121,7 +121,8 @@ def load_simulation(recorded: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]
     bases: dict[int, Any] = {}
     fw, fw_vals = _graph_from_table(recorded["forward"], bases)
     bw, _ = _graph_from_table(recorded["backward"], bases)
-    static = [val for storage, val in fw_vals if storage in set(recorded["static"])]
+    static_ids = set(recorded["static"])
+    static = [val for storage, val in fw_vals if storage in static_ids]
     kwargs = {k: recorded[k] for k in ("fused", "outside_bytes") if k in recorded}
     return fw, bw, {"num_fwd_outputs": recorded["num_fwd_outputs"], "static": static, **kwargs}
 
