@@ -49,25 +49,33 @@ def saved_nodes(fw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
     return [n for n in out.args[0][num_fwd_outputs:] if isinstance(n, fx.Node)]
 
 
-def copied_conv_weights(gm: fx.GraphModule) -> set[fx.Node]:
-    """The convolution weights of ``gm`` (a forward or joint graph) that Inductor's layout optimization
-    copies to channels-last in the forward: a saved one then holds a copy that counts, though the
-    parameter itself does not. None when the optimization is off for ``gm``."""
+def channels_last_copies(gm: fx.GraphModule) -> set[fx.Node]:
+    """The inputs of ``gm`` (a forward or joint graph) that Inductor's layout optimization copies to
+    channels-last when the forward saves them: 4-d inputs that reach a convolution through any chain of
+    ops but ``bmm`` (``GraphLowering.find_nodes_prefer_channels_last``), a convolution weight's cast under
+    autocast included, unless channels-last already. A saved parameter then holds a copy that counts,
+    though the parameter itself does not. None when the optimization is off for ``gm``."""
     if not _compat.inductor_layout_opt(gm):
         return set()
+    conv, bmm = torch.ops.aten.convolution.default, torch.ops.aten.bmm.default
+    prefers: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if node.target is conv or (node.target is not bmm and not prefers.isdisjoint(node.users)):
+            prefers.add(node)
     copied = set()
-    for conv in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default):
-        weight = conv.args[1]
-        val = weight.meta.get("val") if isinstance(weight, fx.Node) and weight.op == "placeholder" else None
-        if isinstance(val, torch.Tensor) and val.dim() == 4:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if node in prefers and isinstance(val, torch.Tensor) and val.dim() == 4:
             if not val.is_contiguous(memory_format=torch.channels_last):
-                copied.add(weight)
+                copied.add(node)
     return copied
 
 
-def _layout_copies(gm: fx.GraphModule, saved: list[fx.Node]) -> int:
-    copied = copied_conv_weights(gm)
-    vals = [node.meta["val"] for node in saved if node in copied]
+def layout_copy_bytes(gm: fx.GraphModule, saved: list[fx.Node], static: list[Any]) -> int:
+    """Bytes of the copies Inductor makes of saved parameters (a saved batch input counts once anyway)."""
+    static_keys = {storage_key(v) for v in static if isinstance(v, torch.Tensor)}
+    copied = channels_last_copies(gm)
+    vals = [node.meta["val"] for node in saved if node in copied and storage_key(node.meta["val"]) in static_keys]
     return sum(_compat.hint(val.numel()) * val.dtype.itemsize for val in vals)
 
 
@@ -76,7 +84,7 @@ def saved_bytes(gm: fx.GraphModule, saved: list[fx.Node], static: list[Any], *, 
     saved for the backward, parameters excluded."""
     total = held_bytes([n.meta.get("val") for n in saved], static)
     if codegen == "inductor":
-        total += _layout_copies(gm, saved)
+        total += layout_copy_bytes(gm, saved, static)
     return total
 
 

@@ -11,7 +11,7 @@ from fxmem import _compat
 from fxmem.capture import JointGraph, NodeFacts
 from fxmem.config import FxmemConfig
 from fxmem.cost import CostModel
-from fxmem.memory import copied_conv_weights
+from fxmem.memory import channels_last_copies
 from fxmem.quant import IntegerQuantizer, Quantizer, get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
 from fxmem.rewrite import Codec
 from fxmem.solve import Plan, Problem, QuantOption, SolverNode
@@ -69,7 +69,7 @@ def build_problem(
     owners_static = {n.name for n in joint.static_inputs}
     # Under Inductor a saved convolution weight may hold a channels-last copy. Deciding from the joint
     # graph can miss it (Inductor decides on the forward, which has fewer nodes per conv), never invent it.
-    copied = copied_conv_weights(joint.gm) if config.codegen == "inductor" else set()
+    copied = channels_last_copies(joint.gm) if config.codegen == "inductor" else set()
     required = set(joint.required)
     nodes: list[SolverNode] = []
     node_codecs: dict[tuple[str, str], Codec] = {}

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from fxmem import _compat
 from fxmem.capture import op_kind, op_name
-from fxmem.memory import storage_bytes, storage_key
+from fxmem.memory import channels_last_copies, storage_bytes, storage_key
 
 
 @dataclass
@@ -236,13 +236,17 @@ def walk_step(
 ) -> None:
     """Walk the forward, then the backward, each through a ledger from ``new_memory``. What the forward
     saves enters the backward as its inputs. The forward's own inputs that are not static (the batch)
-    stay live the whole step: their caller holds them."""
+    stay live the whole step: their caller holds them. Fused, a saved parameter that Inductor copies to
+    channels-last holds its copy from the forward to its last reader in the backward."""
+    (fw_out,) = fw.graph.find_nodes(op="output")
+    fw_results = {n.name for n in fw_out.args[0] if isinstance(n, fx.Node)}
     inputs = [
         p for p in fw.graph.find_nodes(op="placeholder")
         if isinstance(p.meta.get("val"), torch.Tensor) and storage_key(p.meta["val"]) not in static_keys
     ]  # fmt: skip
-    (fw_out,) = fw.graph.find_nodes(op="output")
-    fw_results = {n.name for n in fw_out.args[0] if isinstance(n, fx.Node)}
+    if fused:
+        copies = {n for n in channels_last_copies(fw) if n.name in fw_results}
+        static_keys = static_keys - {storage_key(n.meta["val"]) for n in copies}
     _walk(fw, new_memory(), "forward", fw_results | {p.name for p in inputs}, static_keys, fused, timeline)
     memory = new_memory()
     for placeholder in inputs:
