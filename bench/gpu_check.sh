@@ -9,8 +9,10 @@
 #   bash bench/gpu_check.sh --sweep  # GPU-only tests, then an absolute-budget sweep on gpt small (about
 #                                    # 4 minutes): every fitting plan's measured peak under its budget,
 #                                    # predicted against measured peak (python -m fxmem.bench.sweep);
-#                                    # meanwhile GPT-2 small's default plan runs once; both write
-#                                    # allocation traces to $OUT/traces (fxmem.bench.trace)
+#                                    # meanwhile the default plans of GPT-2 small, ResNet-18 and ViT
+#                                    # small run once; all write allocation traces to $OUT/traces
+#                                    # (fxmem.bench.trace), replayed last against the simulator's
+#                                    # variants (python -m fxmem.bench.replay)
 #
 # Environment: OUT (results folder), PYTHON (default python3), RESNET (resnet18 | resnet50 | tiny ...),
 # JOBS (configurations compiling at once, default 3 on GPU), GPT_BUDGET_S / RESNET_BUDGET_S (seconds),
@@ -93,21 +95,36 @@ if [ "$MODE" != cpu ] && [ "${COMPAT:-1}" != 0 ] && $PY -m pytest --version >/de
     esac
 fi
 
-# 2. (--sweep) The absolute-budget sweep, then stop.
+# 2. (--sweep) The absolute-budget sweep; beside it, the default plans of GPT-2 small, ResNet-18 and ViT
+# small, one step each, all traced; then the traces replayed against the simulator's variants.
+traced_default() {  # NAME SPEC SECONDS
+    timeout "$3" $PY -m fxmem.bench.runner --spec "$2" --label "$1 fxmem" --config '{"system": "fxmem"}' \
+        --device "$DEVICE" --dtype "$DTYPE" --steps 2 --warmup 1 --trace "$OUT/traces" \
+        >"$OUT/$1_default.json" 2>"$OUT/$1_default.log"
+    echo "   $1 default: status $?; $(cut -c1-300 "$OUT/$1_default.json")"
+}
 if [ "$MODE" = sweep ]; then
-    echo "== sweep: models/gpt.py:small ($DEVICE, $DTYPE), 5 absolute budgets; GPT-2 small's default beside it"
-    timeout 360 $PY -m fxmem.bench.runner --spec models/gpt.py:gpt2_small --label "gpt2_small fxmem" \
-        --config '{"system": "fxmem"}' --device "$DEVICE" --dtype "$DTYPE" --steps 2 --warmup 1 \
-        --trace "$OUT/traces" >"$OUT/gpt2_small_default.json" 2>"$OUT/gpt2_small_default.log" &
+    echo "== sweep: models/gpt.py:small ($DEVICE, $DTYPE), 5 absolute budgets; beside it the default plans of"
+    echo "   GPT-2 small, ResNet-18 and ViT small"
+    {
+        traced_default gpt2_small models/gpt.py:gpt2_small 240
+        traced_default resnet18 models/resnet.py:resnet18 150
+        traced_default vit_small models/vit.py:vit_small 150
+    } >"$OUT/beside.txt" 2>&1 &
     beside=$!
     timeout 420 $PY -m fxmem.bench.sweep models/gpt.py:small --device "$DEVICE" --dtype "$DTYPE" --points 5 \
         --jobs "$JOBS" --time-budget 180 --json "$OUT/sweep.json" --trace "$OUT/traces" \
         >"$OUT/sweep.txt" 2>"$OUT/sweep.log"
     echo "   status $? after $(($(date +%s) - START)) s; log: $OUT/sweep.log"
     wait "$beside"
-    echo "   GPT-2 small default: status $?; $(cut -c1-300 "$OUT/gpt2_small_default.json")"
+    cat "$OUT/beside.txt"
+    timeout 120 $PY -m fxmem.bench.replay "$OUT/traces" >"$OUT/replay.txt" 2>"$OUT/replay.log"
+    echo "   replay: status $? after $(($(date +%s) - START)) s"
     echo
     cat "$OUT/sweep.txt"
+    echo
+    echo "== traced steps replayed (error of each predicted peak against the measured one)"
+    cat "$OUT/replay.txt"
     exit 0
 fi
 

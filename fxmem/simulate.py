@@ -104,11 +104,14 @@ def _stored_nodes(gm: fx.GraphModule) -> set[fx.Node]:
 def _reads_memory(consumer: fx.Node) -> bool:
     """Whether a consumer needs its inputs written to memory: the graph's output, a matmul (Inductor's
     templates and extern calls read buffers), or an op Inductor does not lower into loops."""
-    if consumer.op != "call_function":
-        return True
-    if consumer.target is operator.getitem:
+    return consumer.op != "call_function" or is_extern_kernel(consumer)
+
+
+def is_extern_kernel(node: fx.Node) -> bool:
+    """Whether Inductor runs a call node as a matmul, an extern or a fallback kernel, not a loop."""
+    if node.target is operator.getitem:
         return False
-    return _kind(consumer) == "matmul" or _compat.inductor_reads_realized_inputs(consumer.target)
+    return _kind(node) == "matmul" or _compat.inductor_reads_realized_inputs(node.target)
 
 
 def _is_cpu(node: fx.Node) -> bool:
@@ -158,6 +161,10 @@ def _aliased_key(node: fx.Node, keys: dict[fx.Node, Any]) -> Any:
     return keys.get(source) if _returns_view(node.target) else None
 
 
+# A model of Inductor's scheduler: the order to run a graph's nodes in, given the nodes it writes.
+Schedule = Callable[[fx.GraphModule, set[fx.Node]], list[fx.Node]]
+
+
 def _walk(
     gm: fx.GraphModule,
     memory: _Memory,
@@ -166,10 +173,12 @@ def _walk(
     static_keys: set[Any],
     fused: bool,
     timeline: Timeline,
+    schedule: Schedule | None = None,
+    allowance: tuple[int, int] = _FUSED_ALLOWANCE,
 ) -> None:
     """Run ``gm`` through ``memory``: inputs are held on entry; nodes named in ``keep`` outlive it."""
     stored = _stored_nodes(gm) if fused else set(gm.graph.nodes)
-    nodes = list(gm.graph.nodes)
+    nodes = schedule(gm, stored) if fused and schedule is not None else list(gm.graph.nodes)
     # An inlined node is computed by each kernel it is inlined into: its inputs are read that late.
     read_at: dict[fx.Node, int] = {}
     for i, node in reversed(list(enumerate(nodes))):
@@ -204,7 +213,7 @@ def _walk(
         if node not in last_use and node in held and node.name not in keep:
             memory.release(held.pop(node))
         if node.op != "placeholder" and fused:
-            allowed = memory.live * _FUSED_ALLOWANCE[0] // _FUSED_ALLOWANCE[1]
+            allowed = memory.live * allowance[0] // allowance[1]
             timeline.points.append((phase, node.name, allowed + timeline.static_bytes))
 
 
@@ -216,13 +225,18 @@ def simulate(
     *,
     fused: bool,
     outside_bytes: int = 0,
+    schedule: Schedule | None = None,
+    allowance: tuple[int, int] = _FUSED_ALLOWANCE,
 ) -> Timeline:
-    """``outside_bytes``: device memory live outside the graph (e.g. optimizer state), a constant floor."""
+    """``outside_bytes``: device memory live outside the graph (e.g. optimizer state), a constant floor.
+    Fused only: ``schedule`` runs each graph's nodes in its order rather than the graph's (to try a model
+    of Inductor's scheduler, e.g. ``fxmem.bench.schedule.fused_schedule``), and ``allowance`` is the
+    factor on graph memory."""
     static_list = [v for v in static if isinstance(v, torch.Tensor)]
     static_keys = {storage_key(v) for v in static_list}
     params = sum(storage_bytes(v) for v in {storage_key(v): v for v in static_list}.values())
     timeline = Timeline(static_bytes=params + outside_bytes)
-    walk_step(fw, bw, static_keys, fused, timeline, lambda: _Memory(0))
+    walk_step(fw, bw, static_keys, fused, timeline, lambda: _Memory(0), schedule=schedule, allowance=allowance)
     return timeline
 
 
@@ -233,6 +247,9 @@ def walk_step(
     fused: bool,
     timeline: Timeline,
     new_memory: Callable[[], _Memory],
+    *,
+    schedule: Schedule | None = None,
+    allowance: tuple[int, int] = _FUSED_ALLOWANCE,
 ) -> None:
     """Walk the forward, then the backward, each through a ledger from ``new_memory``. What the forward
     saves enters the backward as its inputs. The forward's own inputs that are not static (the batch)
@@ -247,10 +264,11 @@ def walk_step(
     if fused:
         copies = {n for n in channels_last_copies(fw) if n.name in fw_results}
         static_keys = static_keys - {storage_key(n.meta["val"]) for n in copies}
-    _walk(fw, new_memory(), "forward", fw_results | {p.name for p in inputs}, static_keys, fused, timeline)
+    kept = fw_results | {p.name for p in inputs}
+    _walk(fw, new_memory(), "forward", kept, static_keys, fused, timeline, schedule, allowance)
     memory = new_memory()
     for placeholder in inputs:
         memory.hold(storage_key(placeholder.meta["val"]), storage_bytes(placeholder.meta["val"]))
     (bw_out,) = bw.graph.find_nodes(op="output")
     grads = {n.name for n in bw_out.args[0] if isinstance(n, fx.Node)}
-    _walk(bw, memory, "backward", grads, static_keys, fused, timeline)
+    _walk(bw, memory, "backward", grads, static_keys, fused, timeline, schedule, allowance)

@@ -398,3 +398,38 @@ def test_joint_graphs_copy_graphs_that_hold_tensor_constants():
     (constant,) = gm.graph.find_nodes(op="get_attr")
     assert torch.equal(getattr(gm, constant.target), torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert all(type(n.meta["val"]).__name__ == "FakeTensor" for n in gm.graph.find_nodes(op="placeholder"))
+
+
+def test_replay_sets_each_fused_model_against_a_traced_peak(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], inductor_cache
+) -> None:
+    """``python -m fxmem.bench.replay`` rebuilds the plan a traced step ran and simulates it again: as
+    fxmem plans it gives the recorded prediction; the bare walk and the scheduler model (no allowance)
+    predict less. A trace of several graphs is skipped, with the reason."""
+    import torch
+
+    from fxmem.bench import replay
+    from fxmem.bench.trace import recorded_simulations, trace_path, write_trace
+    from fxmem.compiler import FxmemCompiler
+    from tests.helpers import build, run_step
+
+    model, inputs = build("gpt")
+    compiler = FxmemCompiler(memory_budget=0.4)  # Inductor: the fused model
+    simulations: list = []
+    with recorded_simulations(simulations):
+        run_step(torch.compile(model, backend=compiler), inputs)
+    report = compiler.reports[0]
+    path = trace_path(str(tmp_path), "gpt tiny")
+    write_trace(path, {"label": "gpt tiny", "options": {}}, compiler.reports, [], 0, 2**20, simulations)
+    row = replay.replay(json.loads(path.read_text()))
+    assert row["predicted"]["fxmem (walk, 6/5)"] == report.predicted_peak_bytes
+    assert row["predicted"]["walk"] < report.predicted_peak_bytes
+    assert row["predicted"]["fusion"] < row["predicted"]["fusion, 21/20"]
+    skipped = {**json.loads(path.read_text()), "label": "two"}
+    skipped["graphs"] *= 2
+    (tmp_path / "two.json").write_text(json.dumps(skipped))
+    assert replay.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if line.startswith("gpt_tiny")]
+    assert " 1.0 " in line and line.count("%") == len(replay.VARIANTS)
+    assert "two" in out and "skipped: 2 graphs" in out

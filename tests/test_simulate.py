@@ -172,3 +172,28 @@ def test_saved_weight_copies_are_predicted_under_inductor(dtype, budget, inducto
     assert saved == report.predicted_saved_bytes
     assert report.predicted_saved_bytes >= copies  # the copies are saved whatever the plan
     assert report.timeline.peak_bytes - report.timeline.static_bytes > report.predicted_saved_bytes
+
+
+def test_modelled_fusion_moves_a_consumer_up_to_its_producer_with_what_it_needs():
+    """In the scheduler model (``fxmem.bench.schedule``), ``g`` reads ``h``'s buffer and joins its kernel
+    (vertical fusion), taking the matmul it needs, ``m2``, along before ``m``; ``g2`` needs ``m``, which
+    needs ``h``: joining would make a cycle, so it stays after ``m``."""
+    from fxmem.bench.schedule import fused_schedule
+
+    def f(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = x.cos()
+        m = h @ w
+        s = m.sum()
+        m2 = x @ w2
+        g = (h * m2).exp()
+        g2 = (h + m).exp()
+        return s, g, g2
+
+    gm = make_fx(f)(*(torch.ones(64, 64, device="meta") for _ in range(3)))
+    stored = _stored_nodes(gm)
+    names = [n.name for n in gm.graph.nodes]
+    assert names.index("exp") > names.index("mm") and names.index("mm_1") > names.index("mm")
+    order = [n.name for n in fused_schedule(gm, stored)]
+    assert sorted(order) == sorted(names) and order[-1] == "output"
+    assert order.index("cos") < order.index("mm_1") < order.index("exp") < order.index("mm")
+    assert order.index("exp_1") > order.index("mm")

@@ -1,0 +1,85 @@
+"""Replay allocation traces against the simulator's fused model, as it is and with variants.
+
+    python -m fxmem.bench.replay out/traces              # every trace in a folder
+    python -m fxmem.bench.replay out/traces/a.json b.json
+
+For each trace of a one-graph step (``fxmem.bench.trace``), the plan the step ran is rebuilt on fake
+tensors and simulated again: by the graph's order with no allowance, as fxmem plans (the graph's order,
+graph memory 6/5), and in the order of the model of Inductor's scheduler fusion in
+``fxmem.bench.schedule`` (no allowance, then 21/20). Each prediction is set against the peak the
+step allocated; the table shows the error in %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["VARIANTS", "replay"]
+
+# (name, graph-memory allowance or None for fxmem's own, whether to run the scheduler fusion model)
+VARIANTS: tuple[tuple[str, tuple[int, int] | None, bool], ...] = (
+    ("walk", (1, 1), False),
+    ("fxmem (walk, 6/5)", None, False),
+    ("fusion", (1, 1), True),
+    ("fusion, 21/20", (21, 20), True),
+)
+
+
+def replay(trace: dict[str, Any]) -> dict[str, Any]:
+    """``{"label", "measured", "recorded", "predicted": {variant: bytes}}`` for one trace, or with
+    ``"skipped"`` (why) instead of predictions."""
+    from fxmem.bench.schedule import fused_schedule
+    from fxmem.bench.trace import load_simulation
+    from fxmem.simulate import simulate
+
+    row: dict[str, Any] = {"label": trace.get("label"), "measured": trace.get("peak_bytes")}
+    graphs, simulations = trace.get("graphs", []), trace.get("simulations", [])
+    if len(graphs) != 1 or row["measured"] is None:
+        return {**row, "skipped": f"{len(graphs)} graphs" if len(graphs) != 1 else "no measured peak"}
+    row["recorded"] = graphs[0]["predicted_peak_bytes"]
+    chosen = [s for s in simulations if s["peak_bytes"] == row["recorded"]]
+    if not chosen:
+        return {**row, "skipped": "the plan the step ran was not recorded"}
+    fw, bw, kwargs = load_simulation(chosen[-1])
+    row["predicted"] = {}
+    for name, allowance, fusion in VARIANTS:
+        options: dict[str, Any] = {} if allowance is None else {"allowance": allowance}
+        if fusion:
+            options["schedule"] = fused_schedule
+        row["predicted"][name] = simulate(fw, bw, **kwargs, **options).peak_bytes
+    return row
+
+
+def _percent(predicted: int, measured: int) -> str:
+    return f"{(predicted - measured) / measured * 100:+.1f}%"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fxmem.bench.replay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="trace files (JSON), or folders of them")
+    args = parser.parse_args(argv)
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
+    files = [f for p in map(Path, args.paths) for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+    if not files:
+        parser.error("no trace files (*.json) in " + ", ".join(args.paths))
+    names = [name for name, *_ in VARIANTS]
+    print(f"{'trace':40s} {'measured MiB':>12s} " + " ".join(f"{n:>18s}" for n in names))
+    for file in files:
+        row = replay(json.loads(file.read_text()))
+        head = f"{file.stem[:40]:40s} "
+        if "skipped" in row:
+            print(head + f"skipped: {row['skipped']}")
+            continue
+        errors = " ".join(f"{_percent(row['predicted'][n], row['measured']):>18s}" for n in names)
+        print(head + f"{row['measured'] / 2**20:12.1f} " + errors)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""A model of Inductor's scheduler fusion, for fxmem's fused memory walk, to be tried against GPU traces.
+
+fxmem's planning does not use it: ``fxmem.simulate`` walks each graph in its own order and counts graph
+memory with an allowance for what the scheduler moves. ``python -m fxmem.bench.replay`` compares both on
+recorded traces. The model follows ``Scheduler.fuse_nodes`` (torch 2.11):
+
+* kernels are the nodes Inductor writes to memory. A loop kernel (not a matmul, extern or fallback op)
+  joins an earlier group of loop kernels of the same loop size (the most elements it reads or writes)
+  when it reads a buffer the group writes (vertical fusion), or when both read a buffer and it is within
+  64 kernels of the group's first (horizontal fusion; ``are_long_distant_nodes``);
+* it does not join when a kernel it needs, after the group's first, needs the group (a cycle), nor past
+  64 kernels in a group; of several groups it joins the one it shares the most bytes with;
+* groups run in the order of their first kernel, each kernel's dependencies right before it
+  (``topological_sort_schedule``): a kernel that moves up takes what it needs with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxmem.memory import storage_bytes
+from fxmem.simulate import is_extern_kernel
+
+HORIZONTAL_WINDOW = 64  # Inductor's are_long_distant_nodes
+MAX_FUSION_SIZE = 64  # torch._inductor.config.max_fusion_size
+
+
+@dataclass
+class _Group:
+    first: int  # index of its first kernel
+    size: int | None  # loop size; None for an extern kernel, which fuses with nothing
+    members: list[fx.Node] = field(default_factory=list)
+    mask: int = 0  # its kernels, one bit each
+    buffers: set[fx.Node] = field(default_factory=set)  # what its kernels read and write
+
+
+def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
+    """``gm``'s nodes in the order the modelled scheduler runs them; ``stored``: the nodes it writes."""
+    nodes = list(gm.graph.nodes)
+    reads: dict[fx.Node, set[fx.Node]] = {}  # the written buffers a node reads, through inlined nodes
+    for node in nodes:
+        reads[node] = set().union(*({a} if a in stored else reads[a] for a in node.all_input_nodes))
+    kernels = [n for n in nodes if n.op == "call_function" and n in stored]
+    index = {n: i for i, n in enumerate(kernels)}
+    ancestors: dict[fx.Node, int] = {}  # the kernels each kernel needs, one bit each
+    for kernel in kernels:
+        ancestors[kernel] = 0
+        for r in reads[kernel]:
+            if r in index:
+                ancestors[kernel] |= (1 << index[r]) | ancestors[r]
+    groups: list[_Group] = []
+    for kernel in kernels:
+        size = None if is_extern_kernel(kernel) else _loop_size(kernel)
+        touched = reads[kernel] | {kernel}
+        best: tuple[int, int, _Group] | None = None
+        for group in groups if size is not None else ():
+            if group.size != size or len(group.members) >= MAX_FUSION_SIZE:
+                continue
+            shared = touched & group.buffers
+            vertical = any(r in index and group.mask >> index[r] & 1 for r in reads[kernel])
+            if not shared or (not vertical and index[kernel] - group.first > HORIZONTAL_WINDOW):
+                continue
+            if _creates_cycle(ancestors[kernel], group, kernels, ancestors):
+                continue
+            score = (sum(storage_bytes(b.meta.get("val")) for b in shared), group.first)
+            if best is None or score > best[:2]:
+                best = (*score, group)
+        if best is None:
+            groups.append(_Group(index[kernel], size))
+        group = best[2] if best is not None else groups[-1]
+        group.members.append(kernel)
+        group.mask |= 1 << index[kernel]
+        group.buffers |= touched
+    order: list[fx.Node] = []
+    done: set[fx.Node] = set()
+    for node in [*gm.graph.find_nodes(op="placeholder"), *(m for g in groups for m in g.members), *nodes]:
+        _visit(node, done, order)
+    return order
+
+
+def _loop_size(node: fx.Node) -> int:
+    vals = [node.meta.get("val"), *(a.meta.get("val") for a in node.all_input_nodes)]
+    return max((int(v.numel()) for v in vals if isinstance(v, torch.Tensor)), default=0)
+
+
+def _creates_cycle(needs: int, group: _Group, kernels: list[fx.Node], ancestors: dict[fx.Node, Any]) -> bool:
+    """Whether a kernel that needs the kernels in ``needs`` would need ``group`` through one of them that
+    runs after the group's first and is not in it."""
+    between = needs & ~group.mask & ~((1 << (group.first + 1)) - 1)
+    while between:
+        low = between & -between
+        if ancestors[kernels[low.bit_length() - 1]] & group.mask:
+            return True
+        between ^= low
+    return False
+
+
+def _visit(node: fx.Node, done: set[fx.Node], order: list[fx.Node]) -> None:
+    """Append ``node`` to ``order`` after whatever it needs that is not there yet."""
+    stack: list[tuple[fx.Node, bool]] = [(node, False)]
+    while stack:
+        current, ready = stack.pop()
+        if current in done:
+            continue
+        if ready:
+            done.add(current)
+            order.append(current)
+            continue
+        stack.append((current, True))
+        stack.extend((a, False) for a in reversed(current.all_input_nodes) if a not in done)
