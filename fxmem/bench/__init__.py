@@ -5,7 +5,9 @@ model, each configuration in a fresh process, and compares step time against mem
 Stages, one module each: ``matrix`` (which configurations), ``launch`` (a fresh process per
 configuration), ``runner`` (one configuration, in that process; ``systems`` sets each system up and
 ``measure`` counts saved bytes), ``results`` (table and JSON), ``plot`` (the Pareto plot), ``targets``
-(the checks against fxmem's targets), ``cli`` (the command).
+(the checks against fxmem's targets), ``cli`` (the command). Beside them: ``sweep`` (absolute budgets
+against measured peaks), ``trace`` (allocation traces of a CUDA step), ``replay`` (traces against the
+simulator's fused model and its variants) and ``schedule`` (a model of Inductor's scheduler fusion).
 """
 
 from __future__ import annotations
