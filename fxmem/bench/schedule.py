@@ -17,7 +17,6 @@ recorded traces. The model follows ``Scheduler.fuse_nodes`` (torch 2.11):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -87,7 +86,7 @@ def _loop_size(node: fx.Node) -> int:
     return max((int(v.numel()) for v in vals if isinstance(v, torch.Tensor)), default=0)
 
 
-def _creates_cycle(needs: int, group: _Group, kernels: list[fx.Node], ancestors: dict[fx.Node, Any]) -> bool:
+def _creates_cycle(needs: int, group: _Group, kernels: list[fx.Node], ancestors: dict[fx.Node, int]) -> bool:
     """Whether a kernel that needs the kernels in ``needs`` would need ``group`` through one of them that
     runs after the group's first and is not in it."""
     between = needs & ~group.mask & ~((1 << (group.first + 1)) - 1)
