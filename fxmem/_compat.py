@@ -337,7 +337,14 @@ def inductor_reads_realized_inputs(target: Any) -> bool:
     or an op its lowering marks so), rather than as loops that compute their inputs inline."""
     from torch._inductor import lowering
 
-    return target in lowering.needs_realized_inputs or target not in lowering.lowerings
+    return target in lowering.needs_realized_inputs or not inductor_lowers(target)
+
+
+def inductor_lowers(target: Any) -> bool:
+    """Whether Inductor lowers an op to its own loops or templates, rather than calling it (a fallback)."""
+    from torch._inductor import lowering
+
+    return target in lowering.lowerings
 
 
 def inductor_realize_thresholds(cpu: bool) -> tuple[int, int, int]:

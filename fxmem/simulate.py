@@ -52,9 +52,9 @@ _INLINED_KINDS = ("pointwise", "view", "getitem")
 _INDEXING_OPS = {"embedding", "gather", "index", "iota", "arange"}  # lowered to loads a loop body inlines
 # Inductor's scheduler then fuses kernels across the graph, computing some results earlier and keeping
 # some buffers alive longer than the graph's order says; that is not modelled. On an H200 (torch 2.11,
-# GPT small and GPT-2 small, eight steps traced) a step's graph memory was 1.06-1.17x what the walk predicts:
-# the fused walk counts it 6/5, so that an absolute budget holds on the device.
-_FUSED_ALLOWANCE = (6, 5)
+# thirteen steps of GPT small and one of GPT-2 small traced) a step's graph memory was 1.05-1.14x what the
+# walk predicts, ResNet-18's 1.0x: the fused walk counts it 7/6, so that an absolute budget holds there.
+_FUSED_ALLOWANCE = (7, 6)
 # On the CPU, a reused result of these is stored (Inductor's StorageBox.should_realize_on_reuse).
 _CPU_HEAVY_OPS = {"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"}
 
@@ -112,6 +112,15 @@ def is_extern_kernel(node: fx.Node) -> bool:
     if node.target is operator.getitem:
         return False
     return _kind(node) == "matmul" or _compat.inductor_reads_realized_inputs(node.target)
+
+
+def _writes_out_of_place(node: fx.Node) -> bool:
+    """Whether Inductor gives a node's result a buffer of its own while all its inputs are still live: a
+    matmul or convolution (an extern kernel's ``out=``) or a fallback op. A loop kernel may instead write
+    into an input it is the last reader of."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return False
+    return _kind(node) == "matmul" or not _compat.inductor_lowers(node.target)
 
 
 def _is_cpu(node: fx.Node) -> bool:
@@ -204,16 +213,19 @@ def _walk(
                 held[node] = key
         # Inputs are all live on entry: one point once the first op runs. Unfused, an op's result is
         # allocated while the inputs it is the last reader of are still alive: the point is taken then.
-        # Inductor reuses such an input's buffer for a fused kernel's result where it can.
+        # Fused, so is an out-of-place kernel's; a loop kernel's is taken once they are freed, since
+        # Inductor writes its result into such an input's buffer where it can.
+        allocated = memory.live
         if node.op != "placeholder" and not fused:
-            timeline.points.append((phase, node.name, memory.live + timeline.static_bytes))
+            timeline.points.append((phase, node.name, allocated + timeline.static_bytes))
         for arg in dying.get(i, ()):
             if arg in held and arg.name not in keep:
                 memory.release(held.pop(arg))
         if node not in last_use and node in held and node.name not in keep:
             memory.release(held.pop(node))
         if node.op != "placeholder" and fused:
-            allowed = memory.live * allowance[0] // allowance[1]
+            live = allocated if node in stored and _writes_out_of_place(node) else memory.live
+            allowed = live * allowance[0] // allowance[1]
             timeline.points.append((phase, node.name, allowed + timeline.static_bytes))
 
 

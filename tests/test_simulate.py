@@ -10,7 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fxmem
 from fxmem import _compat
 from fxmem.memory import channels_last_copies
-from fxmem.simulate import Timeline, _Memory, _stored_nodes, _walk
+from fxmem.simulate import _FUSED_ALLOWANCE, Timeline, _Memory, _stored_nodes, _walk
 from tests.helpers import run_step
 
 
@@ -112,8 +112,9 @@ def _fused_walk(fn, *inputs: torch.Tensor) -> Timeline:
 def test_an_inlined_nodes_input_lives_until_the_kernel_that_computes_it():
     """``y = t * 2`` is computed inside the kernel of ``y + big.sum()``, after the matmul ``big``: ``t``
     (64 KiB) is still live once ``big`` (256 KiB) is written, though the graph's last reader of ``t``
-    comes before it (the inputs, read last by the matmuls, are gone). The fused walk counts graph memory
-    with its allowance (6/5)."""
+    comes before it. A matmul's output is allocated while its inputs are live (``w``; ``a`` and ``b`` are
+    gone); a loop kernel's point is taken once the inputs it reads last are freed (``big`` at its sum).
+    The fused walk counts graph memory with its allowance."""
 
     def f(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         t = a @ b
@@ -126,7 +127,9 @@ def test_an_inlined_nodes_input_lives_until_the_kernel_that_computes_it():
         name: live
         for _, name, live in _fused_walk(f, torch.ones(128, 64), torch.ones(64, 128), torch.ones(256, 256)).points
     }
-    assert points["mm_1"] == (t_bytes + big_bytes) * 6 // 5
+    numerator, denominator = _FUSED_ALLOWANCE
+    assert points["mm_1"] == (t_bytes + 2 * big_bytes) * numerator // denominator
+    assert points["sum_1"] == (t_bytes + 4) * numerator // denominator
 
 
 class _ConvNet(torch.nn.Module):
