@@ -106,7 +106,7 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
             stored = solver_node.save_bytes
         elif decision.kind == "quantize":
             stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
-        reason = _reason(decision.kind, facts, solver_node, decision.fmt, exact=node.name in inputs.exact)
+        reason = _reason(decision.kind, facts, solver_node, decision.fmt, by_name, exact=node.name in inputs.exact)
         rows.append(
             TensorRow(
                 name=node.name,
@@ -155,7 +155,9 @@ def _quant_time(node: Any, fmt: str | None) -> float:
     return next((o.added_s for o in node.quant_options if o.fmt == fmt), 0.0)
 
 
-def _reason(decision: str, facts: NodeFacts, node: Any, fmt: str | None, *, exact: bool = False) -> str:
+def _reason(
+    decision: str, facts: NodeFacts, node: Any, fmt: str | None, by_name: dict[str, Any], *, exact: bool = False
+) -> str:
     kind = facts.kind
     if exact:
         return EXACT_REASON
@@ -171,7 +173,17 @@ def _reason(decision: str, facts: NodeFacts, node: Any, fmt: str | None, *, exac
         return "a convolution weight: Inductor's layout optimization holds a channels-last copy of it"
     if not node.can_recompute:
         return f"{kind} op: cannot be recomputed (random, impure, an input, or recompute=False)"
-    return "recomputing it would cost more time than the budget allows"
+    return _blocked_reason(node, by_name) or "recomputing it would cost more time than the budget allows"
+
+
+def _blocked_reason(node: Any, by_name: dict[str, Any]) -> str | None:
+    """Why a recomputable node cannot be recomputed after all: an input it needs can be neither held nor
+    recomputed (e.g. the tuple a random op with several outputs returns)."""
+    for name in node.inputs:
+        source = by_name[name]
+        if not source.can_save and not source.can_recompute:
+            return f"recomputing it needs {name} ({source.kind} op), which can be neither held nor recomputed"
+    return None
 
 
 def record_report(report: GraphReport, on_report: Callable[[GraphReport], None] | None) -> None:

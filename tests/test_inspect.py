@@ -270,3 +270,22 @@ def test_log_level_from_env():
     finally:
         logger.handlers[:] = handlers
         logger.setLevel(level)
+
+
+def test_a_held_output_of_a_random_multi_output_op_says_why():
+    """RReLU in training returns its output and its random noise as one tuple, which can be neither held
+    nor recomputed: each output is held, and its reason names the op rather than the time it would cost."""
+
+    class RReLUNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(torch.nn.functional.rrelu(self.first(x), training=True)).square().mean()
+
+    report = inspect(RReLUNet(), torch.randn(4, 8), memory_budget=0.1, on_infeasible="best_effort")
+    held = [row for row in report.graphs[0].rows if row.kind == "getitem" and row.decision == "keep"]
+    assert len(held) == 2
+    for row in held:
+        assert row.reason.startswith("recomputing it needs rrelu_with_noise") and "neither held nor" in row.reason
