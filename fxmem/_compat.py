@@ -100,9 +100,11 @@ def inductor_decompositions() -> dict[Any, Any]:
 def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
     """Inductor's clean-up of the joint graph before it partitions (no-op copies and aliases removed,
     uniform tensors folded), for the eager codegen, so that both codegens plan, and measure
-    torch.compile's default on, the same graph. Without the pass's pattern rewrites (slow to match, and
-    on the models tried they changed no default's bytes) and its swap of random ops for Inductor's (the
-    eager codegen draws eager's numbers). Off where Inductor's ``use_joint_graph_passes`` is off."""
+    torch.compile's default on, the same graph. Its pattern rewrites run only on a graph with a batched
+    matmul: there they fuse hand-written attention into one attention op, which changes what the default
+    saves; elsewhere they changed no default's bytes on the models tried, and matching them is slow.
+    Without its swap of random ops for Inductor's (the eager codegen draws eager's numbers). Off where
+    Inductor's ``use_joint_graph_passes`` is off."""
     from torch._inductor import config
     from torch._inductor.fx_passes.joint_graph import joint_graph_passes
 
@@ -113,7 +115,8 @@ def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
         values = (node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder"))
         devices = (v.device for v in values if isinstance(v, torch.Tensor) and v.device.type != "meta")
         kwargs["input_device"] = next(devices, None)
-    with config.patch(fallback_random=True, pattern_matcher=False):
+    attention = bool(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.bmm.default))
+    with config.patch(fallback_random=True, pattern_matcher=attention and config.pattern_matcher):
         out = joint_graph_passes(gm, **kwargs)
     return gm if out is None else out
 

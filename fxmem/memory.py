@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +20,31 @@ def storage_key(val: Any) -> Any:
 def storage_bytes(val: Any) -> int:
     """Bytes of a tensor's whole storage at the traced sizes; 0 for a non-tensor."""
     return _compat.hint(val.untyped_storage().nbytes()) if isinstance(val, torch.Tensor) else 0
+
+
+def returns_view(target: Any) -> bool:
+    """Whether an op's result aliases its first input (a view, or a list of views), by its schema."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    returns = target._schema.returns
+    return len(returns) == 1 and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+
+
+def view_source(node: fx.Node) -> fx.Node | None:
+    """The input a view node aliases (an item of a list of views included), by the op's schema rather
+    than the fake values: graph passes that replace a node (Inductor's pattern rewrites) give it a value
+    of its own, which no longer shares storage with the views taken of it. ``None`` for any other node."""
+    source = node.args[0] if node.op == "call_function" and node.args else None
+    if not isinstance(source, fx.Node):
+        return None
+    return source if returns_view(source.target if node.target is operator.getitem else node.target) else None
+
+
+def storage_node(node: fx.Node) -> fx.Node:
+    """The node whose value owns ``node``'s storage: ``node`` itself unless it is a view."""
+    while (source := view_source(node)) is not None:
+        node = source
+    return node
 
 
 def held_bytes(vals: Iterable[Any], static_vals: Iterable[Any]) -> int:
@@ -82,7 +108,7 @@ def layout_copy_bytes(gm: fx.GraphModule, saved: list[fx.Node], static: list[Any
 def saved_bytes(gm: fx.GraphModule, saved: list[fx.Node], static: list[Any], *, codegen: str) -> int:
     """What saved-tensor hooks will measure when ``saved`` (nodes of ``gm``, a forward or joint graph) are
     saved for the backward, parameters excluded."""
-    total = held_bytes([n.meta.get("val") for n in saved], static)
+    total = held_bytes([storage_node(n).meta.get("val") for n in saved], static)
     if codegen == "inductor":
         total += layout_copy_bytes(gm, saved, static)
     return total

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from fxmem import _compat
 from fxmem.capture import op_kind, op_name
-from fxmem.memory import channels_last_copies, storage_bytes, storage_key
+from fxmem.memory import channels_last_copies, returns_view, storage_bytes, storage_key, view_source
 
 
 @dataclass
@@ -62,7 +62,7 @@ _CPU_HEAVY_OPS = {"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"}
 def _kind(node: fx.Node) -> str:
     facts = node.meta.get("fxmem")
     kind = getattr(facts, "kind", None)
-    return kind if kind is not None else op_kind(node, _returns_view(node.target))
+    return kind if kind is not None else op_kind(node, returns_view(node.target))
 
 
 def _stored_nodes(gm: fx.GraphModule) -> set[fx.Node]:
@@ -150,24 +150,10 @@ class _Memory:
             del self.refs[key]
 
 
-def _returns_view(target: Any) -> bool:
-    """Whether an op's result aliases its first input (a view, or a list of views), by its schema."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return False
-    returns = target._schema.returns
-    return len(returns) == 1 and returns[0].alias_info is not None and not returns[0].alias_info.is_write
-
-
 def _aliased_key(node: fx.Node, keys: dict[fx.Node, Any]) -> Any:
-    """The storage key of the input a view node aliases (an item of a list of views included), by the
-    op's schema rather than the fake values: graph passes that replace a node give it a value of its
-    own, which no longer shares storage with the views taken of it. ``None`` for any other node."""
-    source = node.args[0] if node.op == "call_function" and node.args else None
-    if not isinstance(source, fx.Node):
-        return None
-    if node.target is operator.getitem:
-        return keys.get(source) if _returns_view(source.target) else None
-    return keys.get(source) if _returns_view(node.target) else None
+    """The storage key of the input a view node aliases; ``None`` for any other node."""
+    source = view_source(node)
+    return None if source is None else keys.get(source)
 
 
 # A model of Inductor's scheduler: the order to run a graph's nodes in, given the nodes it writes.

@@ -12,6 +12,7 @@ import torch
 import fxmem
 from fxmem.bench.measure import allocated_peak
 from tests.helpers import build, planned_reports, rel_err, run_step
+from tests.test_architectures import HandWrittenAttention, hand_written_attention_inputs
 
 # Decomposed ops round differently from eager's fused kernels.
 EAGER_TOL = 1e-5
@@ -35,16 +36,25 @@ class _NoOps(torch.nn.Module):
         return self.b(h).square().mean() + h.square().mean()
 
 
+def _no_ops_case() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    return _NoOps(), (torch.randn(8, 16),)
+
+
+def _masked_attention_case() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """Inductor's joint-graph pattern rewrites fuse this attention into attention ops, which save less."""
+    return HandWrittenAttention(), hand_written_attention_inputs()
+
+
 @pytest.mark.slow
-def test_default_is_measured_on_the_graph_inductor_partitions():
-    x = torch.randn(8, 16)
+@pytest.mark.parametrize("case", [_no_ops_case, _masked_attention_case], ids=["no-ops", "masked-attention"])
+def test_default_is_measured_on_the_graph_inductor_partitions(case, inductor_cache):
     torch.manual_seed(0)
-    model = _NoOps()
-    _, eager_grads, _ = run_step(copy.deepcopy(model), (x,))
-    _, _, default = run_step(copy.deepcopy(model), (x,), "inductor")
+    model, inputs = case()
+    _, eager_grads, _ = run_step(copy.deepcopy(model), inputs)
+    _, _, default = run_step(copy.deepcopy(model), inputs, "inductor")
     torch._dynamo.reset()
     backend = fxmem.backend(memory_budget=BUDGET, codegen="eager", quantize="none")
-    _, grads, saved = run_step(copy.deepcopy(model), (x,), backend)
+    _, grads, saved = run_step(copy.deepcopy(model), inputs, backend)
     (report,) = backend.reports
     assert report.fallback_reason is None
     assert report.reference_saved_bytes == default
