@@ -115,8 +115,8 @@ def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
         values = (node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder"))
         devices = (v.device for v in values if isinstance(v, torch.Tensor) and v.device.type != "meta")
         kwargs["input_device"] = next(devices, None)
-    attention = bool(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.bmm.default))
-    with config.patch(fallback_random=True, pattern_matcher=attention and config.pattern_matcher):
+    batched_matmul = bool(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.bmm.default))
+    with config.patch(fallback_random=True, pattern_matcher=batched_matmul and config.pattern_matcher):
         out = joint_graph_passes(gm, **kwargs)
     return gm if out is None else out
 
