@@ -34,7 +34,7 @@ from fxmem import _compat
 from fxmem.compiler import _eager
 from fxmem.config import FxmemConfig, parse_bytes
 from fxmem.inspection.api import Report, _compile_kwargs, _device_type
-from fxmem.memory import layout_copy_bytes, saved_nodes, static_vals, storage_key, storage_node
+from fxmem.memory import layout_copy_bytes, saved_nodes, saved_storages, static_vals, storage_key
 from fxmem.partitioner import FxmemPartitioner, _copy
 from fxmem.report import GraphReport
 from fxmem.simulate import Timeline, _Memory, walk_step
@@ -211,12 +211,7 @@ def _simulate_formulas(t: _Traced, batch: int, fused: bool) -> _GraphPeak:
     # What the forward saves (parameters excluded): fxmem.memory.predicted_saved_bytes over formulas.
     saved_list = saved_nodes(t.fw, t.num_fwd_outputs)
     saved: Any = sympy.Integer(layout_copy_bytes(t.fw, saved_list, static_list) if fused else 0)
-    seen = set(static_keys)
-    for node in saved_list:
-        val = storage_node(node).meta.get("val")
-        if isinstance(val, torch.Tensor) and storage_key(val) not in seen:
-            seen.add(storage_key(val))
-            saved += formulas[storage_key(val)]
+    saved += sum(formulas[storage_key(val)] for val in saved_storages(saved_list, static_list))
     return _GraphPeak(_prune(points), sympy.expand(saved), timeline.static_bytes, t.report)
 
 

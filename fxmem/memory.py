@@ -47,20 +47,27 @@ def storage_node(node: fx.Node) -> fx.Node:
     return node
 
 
+def distinct_storages(vals: Iterable[Any], static_vals: Iterable[Any]) -> list[torch.Tensor]:
+    """One tensor per distinct storage among ``vals``, leaving out those of parameters and buffers."""
+    seen = {storage_key(v) for v in static_vals if isinstance(v, torch.Tensor)}
+    distinct = []
+    for val in vals:
+        if isinstance(val, torch.Tensor) and storage_key(val) not in seen:
+            seen.add(storage_key(val))
+            distinct.append(val)
+    return distinct
+
+
 def held_bytes(vals: Iterable[Any], static_vals: Iterable[Any]) -> int:
     """Bytes of the distinct storages among ``vals``, leaving out those of parameters and buffers:
     what ``torch.autograd.graph.saved_tensors_hooks`` sees the forward save."""
-    static = {storage_key(v) for v in static_vals if isinstance(v, torch.Tensor)}
-    seen, total = set(), 0
-    for val in vals:
-        if not isinstance(val, torch.Tensor):
-            continue
-        key = storage_key(val)
-        if key in static or key in seen:
-            continue
-        seen.add(key)
-        total += storage_bytes(val)
-    return total
+    return sum(storage_bytes(val) for val in distinct_storages(vals, static_vals))
+
+
+def saved_storages(saved: Iterable[fx.Node], static_vals: Iterable[Any]) -> list[torch.Tensor]:
+    """The storages that saving the nodes ``saved`` holds, parameters and buffers left out: a saved view
+    holds its base's."""
+    return distinct_storages([storage_node(node).meta.get("val") for node in saved], static_vals)
 
 
 def static_vals(gm: fx.GraphModule, static_indices: Sequence[int]) -> list[Any]:
@@ -108,7 +115,7 @@ def layout_copy_bytes(gm: fx.GraphModule, saved: list[fx.Node], static: list[Any
 def saved_bytes(gm: fx.GraphModule, saved: list[fx.Node], static: list[Any], *, codegen: str) -> int:
     """What saved-tensor hooks will measure when ``saved`` (nodes of ``gm``, a forward or joint graph) are
     saved for the backward, parameters excluded."""
-    total = held_bytes([storage_node(n).meta.get("val") for n in saved], static)
+    total = sum(storage_bytes(val) for val in saved_storages(saved, static))
     if codegen == "inductor":
         total += layout_copy_bytes(gm, saved, static)
     return total
