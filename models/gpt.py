@@ -11,12 +11,15 @@ matmul + masked softmax so the training graph has real activations to plan; set
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models._common import check, is_pos_int, is_prob, preset_fields, seeded_model
 
 __all__ = ["GPTConfig", "GPT", "PRESETS", "build"]
 
@@ -31,18 +34,7 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-
-def _check(ok: bool, field: str, value: object, need: str) -> None:
-    if not ok:
-        raise ValueError(f"GPTConfig.{field} must be {need}, got {value!r}")
-
-
-def _is_pos_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _is_prob(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+_check = functools.partial(check, "GPTConfig")
 
 
 @dataclass(frozen=True)
@@ -63,19 +55,17 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "seq_len"):
             value = getattr(self, name)
-            _check(_is_pos_int(value), name, value, "a positive int")
+            _check(is_pos_int(value), name, value, "a positive int")
         _check(self.n_embd % self.n_head == 0, "n_embd", self.n_embd, f"divisible by n_head={self.n_head}")
         _check(self.seq_len <= self.block_size, "seq_len", self.seq_len, f"<= block_size={self.block_size}")
-        _check(_is_prob(self.dropout), "dropout", self.dropout, "a float in [0, 1)")
+        _check(is_prob(self.dropout), "dropout", self.dropout, "a float in [0, 1)")
         _check(isinstance(self.bias, bool), "bias", self.bias, "a bool")
         _check(isinstance(self.sdpa, bool), "sdpa", self.sdpa, "a bool")
 
     @classmethod
     def from_name(cls, name: str) -> GPTConfig:
         """The preset called ``name`` (see ``PRESETS``)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown GPT preset {name!r}; known presets: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
+        return cls(**preset_fields(PRESETS, name, "GPT"))
 
 
 class CausalSelfAttention(nn.Module):
@@ -183,12 +173,7 @@ def build(
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """``(model, (idx, targets))`` for a preset; the same ``seed`` gives the same weights and data."""
     config = GPTConfig.from_name(preset)
-    B = config.batch_size if batch_size is None else batch_size
-    if B <= 0:
-        raise ValueError(f"batch_size must be positive, got {B}")
-    torch.manual_seed(seed)
-    model = GPT(config).to(device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(seed)
+    model, B, g = seeded_model(lambda: GPT(config), config.batch_size, batch_size, seed, device, dtype)
     # Random tokens; targets are the inputs shifted by one, as in next-token prediction.
     tokens = torch.randint(0, config.vocab_size, (B, config.seq_len + 1), generator=g)
     idx = tokens[:, :-1].contiguous().to(device)  # (B, T) int64

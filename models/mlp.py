@@ -9,11 +9,14 @@ to class logits.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models._common import check, is_pos_int, is_prob, labelled_batch, preset_fields, seeded_model
 
 __all__ = ["MLPConfig", "MLP", "PRESETS", "build"]
 
@@ -26,18 +29,7 @@ PRESETS: dict[str, dict] = {
     "large": dict(in_features=1024, hidden=(4096,) * 4, num_classes=1000, layernorm=True, batch_size=256),
 }
 
-
-def _check(ok: bool, field: str, value: object, need: str) -> None:
-    if not ok:
-        raise ValueError(f"MLPConfig.{field} must be {need}, got {value!r}")
-
-
-def _is_pos_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _is_prob(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+_check = functools.partial(check, "MLPConfig")
 
 
 @dataclass(frozen=True)
@@ -54,20 +46,18 @@ class MLPConfig:
 
     def __post_init__(self) -> None:
         for name in ("in_features", "num_classes", "batch_size"):
-            _check(_is_pos_int(getattr(self, name)), name, getattr(self, name), "a positive int")
-        ok = isinstance(self.hidden, (tuple, list)) and all(map(_is_pos_int, self.hidden))
+            _check(is_pos_int(getattr(self, name)), name, getattr(self, name), "a positive int")
+        ok = isinstance(self.hidden, (tuple, list)) and all(map(is_pos_int, self.hidden))
         _check(ok, "hidden", self.hidden, "a sequence of positive ints")
         object.__setattr__(self, "hidden", tuple(self.hidden))
         _check(self.activation in ("gelu", "relu"), "activation", self.activation, "'gelu' or 'relu'")
         _check(isinstance(self.layernorm, bool), "layernorm", self.layernorm, "a bool")
-        _check(_is_prob(self.dropout), "dropout", self.dropout, "a float in [0, 1)")
+        _check(is_prob(self.dropout), "dropout", self.dropout, "a float in [0, 1)")
 
     @classmethod
     def from_name(cls, name: str) -> MLPConfig:
         """The preset called ``name`` (see ``PRESETS``)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown MLP preset {name!r}; known presets: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
+        return cls(**preset_fields(PRESETS, name, "MLP"))
 
 
 class MLP(nn.Module):
@@ -104,15 +94,9 @@ def build(
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """``(model, (x, labels))`` for a preset; the same ``seed`` gives the same weights and data."""
     config = MLPConfig.from_name(preset)
-    B = config.batch_size if batch_size is None else batch_size
-    if B <= 0:
-        raise ValueError(f"batch_size must be positive, got {B}")
-    torch.manual_seed(seed)
-    model = MLP(config).to(device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, config.in_features, generator=g).to(device=device, dtype=dtype)  # (B, in_features)
-    labels = torch.randint(0, config.num_classes, (B,), generator=g).to(device)  # (B,) int64
-    return model, (x, labels)
+    model, B, g = seeded_model(lambda: MLP(config), config.batch_size, batch_size, seed, device, dtype)
+    # x (B, in_features), labels (B,) int64
+    return model, labelled_batch((B, config.in_features), config.num_classes, g, device, dtype)
 
 
 def tiny() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:

@@ -9,11 +9,14 @@ The ``"cifar"`` stem is a single 3x3 conv (for 32x32 inputs); the ``"imagenet"``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models._common import check, is_pos_int, labelled_batch, preset_fields, seeded_model
 
 __all__ = ["ResNetConfig", "ResNet", "BasicBlock", "Bottleneck", "PRESETS", "build"]
 
@@ -27,14 +30,7 @@ PRESETS: dict[str, dict] = {
     "resnet50": dict(_IN1K, block="bottleneck", layers=(3, 4, 6, 3)),
 }
 
-
-def _check(ok: bool, field: str, value: object, need: str) -> None:
-    if not ok:
-        raise ValueError(f"ResNetConfig.{field} must be {need}, got {value!r}")
-
-
-def _is_pos_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+_check = functools.partial(check, "ResNetConfig")
 
 
 @dataclass(frozen=True)
@@ -55,20 +51,18 @@ class ResNetConfig:
         _check(self.stem in ("imagenet", "cifar"), "stem", self.stem, "'imagenet' or 'cifar'")
         for name in ("layers", "widths"):
             value = getattr(self, name)
-            ok = isinstance(value, (tuple, list)) and len(value) > 0 and all(map(_is_pos_int, value))
+            ok = isinstance(value, (tuple, list)) and len(value) > 0 and all(map(is_pos_int, value))
             _check(ok, name, value, "a non-empty sequence of positive ints")
             object.__setattr__(self, name, tuple(value))
         need = f"the same length as layers ({len(self.layers)})"
         _check(len(self.widths) == len(self.layers), "widths", self.widths, need)
         for name in ("in_chans", "num_classes", "image_size", "batch_size"):
-            _check(_is_pos_int(getattr(self, name)), name, getattr(self, name), "a positive int")
+            _check(is_pos_int(getattr(self, name)), name, getattr(self, name), "a positive int")
 
     @classmethod
     def from_name(cls, name: str) -> ResNetConfig:
         """The preset called ``name`` (see ``PRESETS``)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown ResNet preset {name!r}; known presets: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
+        return cls(**preset_fields(PRESETS, name, "ResNet"))
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -160,16 +154,10 @@ def build(
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """``(model, (images, labels))`` for a preset; the same ``seed`` gives the same weights and data."""
     config = ResNetConfig.from_name(preset)
-    B = config.batch_size if batch_size is None else batch_size
-    if B <= 0:
-        raise ValueError(f"batch_size must be positive, got {B}")
-    torch.manual_seed(seed)
-    model = ResNet(config).to(device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(seed)
+    model, B, g = seeded_model(lambda: ResNet(config), config.batch_size, batch_size, seed, device, dtype)
     S = config.image_size
-    images = torch.randn(B, config.in_chans, S, S, generator=g).to(device=device, dtype=dtype)  # (B, 3, S, S)
-    labels = torch.randint(0, config.num_classes, (B,), generator=g).to(device)  # (B,) int64
-    return model, (images, labels)
+    # images (B, 3, S, S), labels (B,) int64
+    return model, labelled_batch((B, config.in_chans, S, S), config.num_classes, g, device, dtype)
 
 
 def tiny() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:

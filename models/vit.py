@@ -10,12 +10,15 @@ Attention is matmul + softmax by default; ``sdpa=True`` uses ``F.scaled_dot_prod
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models._common import check, is_pos_int, is_prob, labelled_batch, preset_fields, seeded_model
 
 __all__ = ["ViTConfig", "ViT", "PRESETS", "build"]
 
@@ -29,18 +32,7 @@ PRESETS: dict[str, dict] = {
     "vit-base": dict(_IN1K, dim=768, n_head=12, batch_size=32),  # ViT-B/16
 }
 
-
-def _check(ok: bool, field: str, value: object, need: str) -> None:
-    if not ok:
-        raise ValueError(f"ViTConfig.{field} must be {need}, got {value!r}")
-
-
-def _is_pos_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _is_prob(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+_check = functools.partial(check, "ViTConfig")
 
 
 @dataclass(frozen=True)
@@ -63,11 +55,11 @@ class ViTConfig:
         ints = ("image_size", "patch_size", "in_chans", "dim", "depth", "n_head", "mlp_ratio", "num_classes")
         for name in (*ints, "batch_size"):
             value = getattr(self, name)
-            _check(_is_pos_int(value), name, value, "a positive int")
+            _check(is_pos_int(value), name, value, "a positive int")
         need = f"divisible by patch_size={self.patch_size}"
         _check(self.image_size % self.patch_size == 0, "image_size", self.image_size, need)
         _check(self.dim % self.n_head == 0, "dim", self.dim, f"divisible by n_head={self.n_head}")
-        _check(_is_prob(self.dropout), "dropout", self.dropout, "a float in [0, 1)")
+        _check(is_prob(self.dropout), "dropout", self.dropout, "a float in [0, 1)")
         _check(isinstance(self.sdpa, bool), "sdpa", self.sdpa, "a bool")
 
     @property
@@ -77,9 +69,7 @@ class ViTConfig:
     @classmethod
     def from_name(cls, name: str) -> ViTConfig:
         """The preset called ``name`` (see ``PRESETS``)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown ViT preset {name!r}; known presets: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
+        return cls(**preset_fields(PRESETS, name, "ViT"))
 
 
 class Attention(nn.Module):
@@ -171,16 +161,10 @@ def build(
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """``(model, (images, labels))`` for a preset; the same ``seed`` gives the same weights and data."""
     config = ViTConfig.from_name(preset)
-    B = config.batch_size if batch_size is None else batch_size
-    if B <= 0:
-        raise ValueError(f"batch_size must be positive, got {B}")
-    torch.manual_seed(seed)
-    model = ViT(config).to(device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(seed)
+    model, B, g = seeded_model(lambda: ViT(config), config.batch_size, batch_size, seed, device, dtype)
     S = config.image_size
-    images = torch.randn(B, config.in_chans, S, S, generator=g).to(device=device, dtype=dtype)  # (B, 3, S, S)
-    labels = torch.randint(0, config.num_classes, (B,), generator=g).to(device)  # (B,) int64
-    return model, (images, labels)
+    # images (B, 3, S, S), labels (B,) int64
+    return model, labelled_batch((B, config.in_chans, S, S), config.num_classes, g, device, dtype)
 
 
 def tiny() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
