@@ -18,20 +18,7 @@ from fxmem.solve.registry import register_solver
 def _save_all(problem: Problem, needed: set[str]) -> dict[str, str | None]:
     """Every required node saved at full precision; one that cannot be saved is recomputed from its
     inputs, saved in turn where they can be."""
-    saved: dict[str, str | None] = {}
-    stack = [n.name for n in problem.nodes if n.required]
-    seen: set[str] = set()
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        node = problem.by_name[name]
-        if node.can_save:
-            saved[name] = None
-        else:
-            stack.extend(node.inputs)
-    return saved
+    return {node.name: None for node in problem.reached(lambda node: not node.can_save) if node.can_save}
 
 
 @register_solver("greedy")

@@ -11,7 +11,7 @@ Researchers can build problems by hand (see ``fxmem.solve.synthetic``) and run a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,15 +63,22 @@ class Problem:
 
     def needed(self) -> set[str]:
         """Names of the nodes the backward could possibly touch: required ones and their ancestors."""
-        keep: set[str] = set()
+        return {node.name for node in self.reached(lambda node: True)}
+
+    def reached(self, through: Callable[[SolverNode], bool]) -> Iterator[SolverNode]:
+        """Each node the backward reaches, once: the required ones, and the inputs of every node reached
+        that ``through`` accepts (one it rebuilds rather than holds)."""
+        seen: set[str] = set()
         stack = [n.name for n in self.nodes if n.required]
         while stack:
             name = stack.pop()
-            if name in keep:
+            if name in seen:
                 continue
-            keep.add(name)
-            stack.extend(self.by_name[name].inputs)
-        return keep
+            seen.add(name)
+            node = self.by_name[name]
+            yield node
+            if through(node):
+                stack.extend(node.inputs)
 
 
 @dataclass(frozen=True)
@@ -114,20 +121,12 @@ def evaluate(problem: Problem, saved: Mapping[str, str | None]) -> tuple[list[st
     """Check that ``saved`` lets the backward rebuild every required node; return the nodes it must
     recompute, the bytes held and the time added. Raises ``ValueError`` for an invalid set."""
     recomputed: list[str] = []
-    visited: set[str] = set()
-    stack = [n.name for n in problem.nodes if n.required]
-    while stack:
-        name = stack.pop()
-        if name in visited:
+    for node in problem.reached(lambda node: node.name not in saved):
+        if node.name in saved:
             continue
-        visited.add(name)
-        if name in saved:
-            continue
-        node = problem.by_name[name]
         if not node.can_recompute:
-            raise ValueError(f"{name!r} is needed in the backward but is neither saved nor recomputable")
-        recomputed.append(name)
-        stack.extend(node.inputs)
+            raise ValueError(f"{node.name!r} is needed in the backward but is neither saved nor recomputable")
+        recomputed.append(node.name)
     held = 0
     added = 0.0
     for name, fmt in saved.items():
