@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +106,9 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
             stored = solver_node.save_bytes
         elif decision.kind == "quantize":
             stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
-        reason = _reason(decision.kind, facts, solver_node, decision.fmt, by_name, exact=node.name in inputs.exact)
+        reason = _reason(
+            decision.kind, facts, solver_node, decision.fmt, by_name, plan.saved, exact=node.name in inputs.exact
+        )
         rows.append(
             TensorRow(
                 name=node.name,
@@ -156,7 +158,14 @@ def _quant_time(node: Any, fmt: str | None) -> float:
 
 
 def _reason(
-    decision: str, facts: NodeFacts, node: Any, fmt: str | None, by_name: dict[str, Any], *, exact: bool = False
+    decision: str,
+    facts: NodeFacts,
+    node: Any,
+    fmt: str | None,
+    by_name: dict[str, Any],
+    saved: Mapping[str, str | None],
+    *,
+    exact: bool = False,
 ) -> str:
     kind = facts.kind
     if exact:
@@ -173,16 +182,31 @@ def _reason(
         return "a convolution weight: Inductor's layout optimization holds a channels-last copy of it"
     if not node.can_recompute:
         return f"{kind} op: cannot be recomputed (random, impure, an input, or recompute=False)"
-    return _blocked_reason(node, by_name) or "recomputing it would cost more time than the budget allows"
+    return _blocked_reason(node, by_name, saved) or "recomputing it would cost more time than the budget allows"
 
 
-def _blocked_reason(node: Any, by_name: dict[str, Any]) -> str | None:
-    """Why a recomputable node cannot be recomputed after all: an input it needs can be neither held nor
-    recomputed (e.g. the tuple a random op with several outputs returns)."""
-    for name in node.inputs:
+def _blocked_reason(node: Any, by_name: dict[str, Any], saved: Mapping[str, str | None]) -> str | None:
+    """Why a recomputable node is held after all: recomputing it needs a tensor that can be neither held
+    nor recomputed (e.g. the tuple a random op with several outputs returns), or needs tensors held that
+    the plan does not hold and that cannot be recomputed, as many bytes as it holds or more (a mask
+    computed from int64 labels). Looks through the inputs that would be recomputed with it."""
+    only_held: dict[str, int] = {}
+    stack, seen = list(node.inputs), set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name in saved:
+            continue
+        seen.add(name)
         source = by_name[name]
-        if not source.can_save and not source.can_recompute:
+        if source.can_recompute:
+            stack.extend(source.inputs)
+        elif not source.can_save:
             return f"recomputing it needs {name} ({source.kind} op), which can be neither held nor recomputed"
+        elif source.save_bytes:
+            only_held[name] = source.save_bytes
+    extra = sum(only_held.values())
+    if only_held and extra >= node.save_bytes:
+        return f"recomputing it needs {', '.join(only_held)} held: {extra} bytes, against its own {node.save_bytes}"
     return None
 
 

@@ -289,3 +289,27 @@ def test_a_held_output_of_a_random_multi_output_op_says_why():
     assert len(held) == 2
     for row in held:
         assert row.reason.startswith("recomputing it needs rrelu_with_noise") and "neither held nor" in row.reason
+
+
+def test_a_held_mask_that_only_its_larger_inputs_could_rebuild_says_why():
+    """A bool mask computed from int64 labels, under a budget no plan meets: holding the mask (64 bytes)
+    is cheaper than holding the labels it would be recomputed from (512), and its reason says so rather
+    than naming the time a recomputation would cost. (Inductor's codegen: the eager one bit-packs it.)"""
+
+    class Masked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            keep = (labels != 0).unsqueeze(1).float()
+            return (self.linear(x) * keep).square().mean()
+
+    inputs = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    options = dict(memory_budget=0.1, on_infeasible="best_effort", quantize="none", codegen="inductor")
+    report = inspect(Masked(), *inputs, **options)
+    (mask,) = [row for row in report.graphs[0].rows if row.dtype == "bool"]
+    assert mask.decision == "keep" and mask.bytes == 64
+    assert mask.reason.startswith("recomputing it needs ") and mask.reason.endswith(
+        "held: 512 bytes, against its own 64"
+    )
