@@ -181,8 +181,19 @@ def _reason(
     if kind == "param":
         return "a convolution weight: Inductor's layout optimization holds a channels-last copy of it"
     if not node.can_recompute:
-        return f"{kind} op: cannot be recomputed (random, impure, an input, or recompute=False)"
+        return _held_reason(facts)
     return _blocked_reason(node, by_name, saved) or "recomputing it would cost more time than the budget allows"
+
+
+def _held_reason(facts: NodeFacts) -> str:
+    """Why a node the backward reads can only be held."""
+    if facts.kind == "input":
+        return "a graph input: nothing in the graph can recompute it"
+    if facts.user_policy == "MUST_SAVE":
+        return "the checkpoint policy says MUST_SAVE"
+    if facts.can_recompute:
+        return "recompute=False: only views, constants and what the backward alone reads are recomputed"
+    return f"{facts.kind} op: cannot be recomputed (random, impure, or it updates state)"
 
 
 def _blocked_reason(node: Any, by_name: dict[str, Any], saved: Mapping[str, str | None]) -> str | None:

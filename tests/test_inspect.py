@@ -313,3 +313,13 @@ def test_a_held_mask_that_only_its_larger_inputs_could_rebuild_says_why():
     assert mask.reason.startswith("recomputing it needs ") and mask.reason.endswith(
         "held: 512 bytes, against its own 64"
     )
+
+
+def test_a_held_tensor_that_cannot_be_recomputed_says_which_rule_holds_it():
+    """A graph input can only be held; with ``recompute=False`` a matmul's output is held by the option,
+    and its reason names the option rather than the budget."""
+    model, inputs = models.mlp.build("tiny")
+    report = inspect(model, *inputs, memory_budget=None, recompute=False, quantize="none")
+    held = {row.kind: row.reason for row in report.graphs[0].rows if row.decision == "keep"}
+    assert held["input"] == "a graph input: nothing in the graph can recompute it"
+    assert held["matmul"].startswith("recompute=False: ")
