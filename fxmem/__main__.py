@@ -237,12 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", False)
-    from fxmem.inspection.logs import configure_logging, configure_logging_from_env
+    from fxmem.inspection.logs import configure_logging
 
-    if args.verbose:
+    if args.verbose:  # (importing fxmem has honoured FXMEM_LOG already)
         configure_logging(logging.DEBUG)
-    else:
-        configure_logging_from_env()
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2

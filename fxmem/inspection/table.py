@@ -39,7 +39,7 @@ def graph_title(graph: GraphReport, hidden: int) -> str:
         return f"graph {graph.graph_id}: PyTorch's partitioner ({graph.fallback_reason})"
     counts = {kind: sum(r.decision == kind for r in graph.rows) for kind in ("keep", "quantize", "recompute")}
     text = f"graph {graph.graph_id}: {len(graph.rows)} tensors: " + ", ".join(f"{k} {n}" for k, n in counts.items())
-    return text + (f" ({hidden} parameters and buffers not shown)" if hidden else "")
+    return text + (f" (the {hidden} parameters and buffers kept are not shown)" if hidden else "")
 
 
 def graph_totals(graph: GraphReport) -> str:
