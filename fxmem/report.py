@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from fxmem.planner import PlanningInputs
     from fxmem.simulate import Timeline
     from fxmem.solve import Plan
+    from fxmem.solve.problem import Problem, SolverNode
 
 log = logging.getLogger("fxmem")
 _REPORTS: list[GraphReport] = []
@@ -90,7 +91,7 @@ def _mib(value: int | None) -> str:
 
 
 def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[TensorRow]:
-    by_name = {n.name: n for n in inputs.problem.nodes}
+    problem = inputs.problem
     rows = []
     for node in joint.forward:
         if node.name not in plan.saved and node.name not in plan.recomputed:
@@ -99,7 +100,7 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
             continue  # an intermediate of a recomputation: not a tensor the backward reads
         facts = joint.facts[node]
         tensor = facts.tensor
-        solver_node = by_name[node.name]
+        solver_node = problem.by_name[node.name]
         decision = plan.decision(node.name)
         stored = 0
         if decision.kind == "keep":
@@ -107,7 +108,7 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
         elif decision.kind == "quantize":
             stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
         reason = _reason(
-            decision.kind, facts, solver_node, decision.fmt, by_name, plan.saved, exact=node.name in inputs.exact
+            decision.kind, facts, solver_node, decision.fmt, problem, plan.saved, exact=node.name in inputs.exact
         )
         rows.append(
             TensorRow(
@@ -162,7 +163,7 @@ def _reason(
     facts: NodeFacts,
     node: Any,
     fmt: str | None,
-    by_name: dict[str, Any],
+    problem: Problem,
     saved: Mapping[str, str | None],
     *,
     exact: bool = False,
@@ -182,7 +183,7 @@ def _reason(
         return "a convolution weight: Inductor's layout optimization holds a channels-last copy of it"
     if not node.can_recompute:
         return _held_reason(facts)
-    return _blocked_reason(node, by_name, saved) or "recomputing it would cost more time than the budget allows"
+    return _blocked_reason(node, problem, saved) or "recomputing it would cost more time than the budget allows"
 
 
 def _held_reason(facts: NodeFacts) -> str:
@@ -196,25 +197,23 @@ def _held_reason(facts: NodeFacts) -> str:
     return f"{facts.kind} op: cannot be recomputed (random, impure, or it updates state)"
 
 
-def _blocked_reason(node: Any, by_name: dict[str, Any], saved: Mapping[str, str | None]) -> str | None:
+def _blocked_reason(node: SolverNode, problem: Problem, saved: Mapping[str, str | None]) -> str | None:
     """Why a recomputable node is held after all: recomputing it needs a tensor that can be neither held
     nor recomputed (e.g. the tuple a random op with several outputs returns), or needs tensors held that
     the plan does not hold and that cannot be recomputed, as many bytes as it holds or more (a mask
     computed from int64 labels). Looks through the inputs that would be recomputed with it."""
+
+    def rebuilt(source: SolverNode) -> bool:
+        return source.name not in saved and source.can_recompute
+
     only_held: dict[str, int] = {}
-    stack, seen = list(node.inputs), set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name in saved:
+    for source in problem.reached(rebuilt, start=node.inputs):
+        if source.name in saved or source.can_recompute:
             continue
-        seen.add(name)
-        source = by_name[name]
-        if source.can_recompute:
-            stack.extend(source.inputs)
-        elif not source.can_save:
-            return f"recomputing it needs {name} ({source.kind} op), which can be neither held nor recomputed"
-        elif source.save_bytes:
-            only_held[name] = source.save_bytes
+        if not source.can_save:
+            return f"recomputing it needs {source.name} ({source.kind} op), which can be neither held nor recomputed"
+        if source.save_bytes:
+            only_held[source.name] = source.save_bytes
     extra = sum(only_held.values())
     if only_held and extra >= node.save_bytes:
         return f"recomputing it needs {', '.join(only_held)} held: {extra} bytes, against its own {node.save_bytes}"

@@ -65,11 +65,13 @@ class Problem:
         """Names of the nodes the backward could possibly touch: required ones and their ancestors."""
         return {node.name for node in self.reached(lambda node: True)}
 
-    def reached(self, through: Callable[[SolverNode], bool]) -> Iterator[SolverNode]:
-        """Each node the backward reaches, once: the required ones, and the inputs of every node reached
-        that ``through`` accepts (one it rebuilds rather than holds)."""
+    def reached(
+        self, through: Callable[[SolverNode], bool], start: Iterable[str] | None = None
+    ) -> Iterator[SolverNode]:
+        """Each node the backward reaches, once: the required ones (or those named in ``start``), and the
+        inputs of every node reached that ``through`` accepts (one it rebuilds rather than holds)."""
         seen: set[str] = set()
-        stack = [n.name for n in self.nodes if n.required]
+        stack = [n.name for n in self.nodes if n.required] if start is None else list(start)
         while stack:
             name = stack.pop()
             if name in seen:
