@@ -11,10 +11,13 @@ one forward and backward. Three ways, each with the same fractional budget and n
 
 Every backend first compiles a throwaway model, so one-time imports are not charged to the first row.
 Times are the median of ``--repeats`` first calls (a fresh model, ``torch._dynamo.reset()`` and a full
-garbage collection before each).
+garbage collection before each). With ``--cold`` each first call runs in a fresh interpreter instead, and
+is charged what the process's first compile imports and warms up (``import fxmem`` included), as a
+script that trains one model once would see.
 
     python bench/first_call.py                         # bundled tiny models and gpt small (a minute or two)
     python bench/first_call.py --models gpt:small --budgets 0.4 --json out.json
+    python bench/first_call.py --cold --models mlp:tiny gpt:tiny --budgets 0.4
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import gc
 import importlib
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._functorch.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import fxmem  # noqa: E402
 
 DEFAULT_MODELS = (
     "mlp:tiny", "mlp:tiny-dropout", "gpt:tiny", "gpt:tiny-dropout", "vit:tiny", "resnet:tiny", "gpt:small",
@@ -45,6 +48,8 @@ SYSTEMS = ("torch", "torch-decomp", "fxmem")
 def _backend(system: str, budget: float) -> tuple[Any, float]:
     """The backend and the ``activation_memory_budget`` to run it under."""
     if system == "fxmem":
+        import fxmem  # here, so that a cold first call is charged the import
+
         return fxmem.backend(memory_budget=budget, codegen="eager", quantize="none"), 1.0
     return {"torch": "aot_eager", "torch-decomp": "aot_eager_decomp_partition"}[system], budget
 
@@ -52,12 +57,19 @@ def _backend(system: str, budget: float) -> tuple[Any, float]:
 def first_call_s(build: Callable[[], tuple[torch.nn.Module, tuple]], system: str, budget: float) -> float:
     torch._dynamo.reset()
     model, inputs = build()
-    backend, torch_budget = _backend(system, budget)
     gc.collect()  # each first call starts from a collected heap, so when collections fall is not luck
+    started = time.perf_counter()
+    backend, torch_budget = _backend(system, budget)
     with torch._functorch.config.patch(activation_memory_budget=torch_budget):
-        started = time.perf_counter()
         torch.compile(model, backend=backend)(*inputs).backward()
-        return time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def cold_first_call_s(spec: str, system: str, budget: float) -> float:
+    """One first call in a fresh interpreter, which prints its time."""
+    command = [sys.executable, __file__, "--one", system, spec, str(budget)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return float(done.stdout.split()[-1])
 
 
 def _builder(spec: str) -> Callable[[], tuple[torch.nn.Module, tuple]]:
@@ -72,19 +84,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.4, 0.1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--cold", action="store_true", help="each first call in a fresh interpreter")
+    parser.add_argument("--one", nargs=3, metavar=("SYSTEM", "MODEL", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one:  # a child of --cold: one first call, its time printed last
+        system, spec, budget = args.one
+        print(first_call_s(_builder(spec), system, float(budget)))
+        return 0
 
-    warm = _builder("mlp:tiny")
-    for system in SYSTEMS:
-        first_call_s(warm, system, 0.5)
+    if args.cold:
+        measure = cold_first_call_s
+    else:
+        warm = _builder("mlp:tiny")
+        for system in SYSTEMS:
+            first_call_s(warm, system, 0.5)
+        measure = lambda spec, system, budget: first_call_s(_builder(spec), system, budget)
     header = " ".join(f"{s + ' s':>14s}" for s in SYSTEMS)
     print(f"{'model':12s} {'budget':>6s} {header}  fxmem/torch  fxmem/decomp")
     rows = []
     for spec in args.models:
-        build = _builder(spec)
         for budget in args.budgets:
-            times = {s: statistics.median(first_call_s(build, s, budget) for _ in range(args.repeats)) for s in SYSTEMS}
-            row = {"model": spec, "budget": budget, **{f"{s}_s": t for s, t in times.items()}}
+            times = {s: statistics.median(measure(spec, s, budget) for _ in range(args.repeats)) for s in SYSTEMS}
+            row = {"model": spec, "budget": budget, "cold": args.cold, **{f"{s}_s": t for s, t in times.items()}}
             row["ratio_torch"] = times["fxmem"] / times["torch"]
             row["ratio_decomp"] = times["fxmem"] / times["torch-decomp"]
             rows.append(row)

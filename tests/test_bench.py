@@ -262,6 +262,18 @@ def test_gpu_check_script_parses_and_rejects_unknown_arguments():
 
 
 @pytest.mark.slow
+def test_first_call_benchmark_runs_each_cold_call_in_its_own_interpreter(tmp_path: Path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "first_call.py"
+    out = tmp_path / "rows.json"
+    command = [sys.executable, str(script), "--cold", "--models", "mlp:tiny", "--budgets", "0.5", "--repeats", "1"]
+    subprocess.run([*command, "--json", str(out)], check=True, capture_output=True, timeout=600)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["cold"] and row["model"] == "mlp:tiny" and row["budget"] == 0.5
+    assert all(row[f"{system}_s"] > 0 for system in ("torch", "torch-decomp", "fxmem"))
+    assert row["ratio_torch"] == pytest.approx(row["fxmem_s"] / row["torch_s"])
+
+
+@pytest.mark.slow
 def test_bench_inductor_rows(model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], inductor_cache):
     plot, out = tmp_path / "pareto.png", tmp_path / "out.json"
     argv = [f"{model_file}:net", "--steps", "2", "--warmup", "1", "-q", "--plot", str(plot), "--json", str(out)]
