@@ -88,6 +88,13 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Any, config_patches: dict[str
     return _compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
+def inductor_modes() -> dict[str, dict[str, Any]]:
+    """Each ``torch.compile(mode=...)`` this torch knows, with the Inductor config it sets."""
+    from torch._inductor import list_mode_options
+
+    return list_mode_options()
+
+
 def inductor_decompositions() -> dict[Any, Any]:
     """The decompositions Inductor applies before partitioning: the eager codegen applies them too, so
     both codegens plan the same decomposed joint graph."""

@@ -2,7 +2,8 @@
 
 ``FxmemCompiler`` takes the options once and compiles each Dynamo graph: AOTAutograd builds the joint
 forward+backward graph, fxmem's partitioner splits it by its plan, and Inductor (or, with
-``codegen="eager"``, a plain FX interpreter) runs the two halves.
+``codegen="eager"``, a plain FX interpreter) runs the two halves. ``torch.compile``'s ``mode=`` reaches
+Inductor as it would with the ``"inductor"`` backend.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class FxmemCompiler:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
         options = kwargs.pop("options", None)
+        mode = kwargs.pop("mode", None)
         if kwargs:
             raise ValueError(
                 f"fxmem backend: unexpected arguments {sorted(kwargs)}; pass fxmem options as options={{...}}"
@@ -43,8 +45,21 @@ class FxmemCompiler:
             config = FxmemConfig.from_options({**self.config.as_dict(), **options})
         partitioner = FxmemPartitioner(config, on_report=self.reports.append)
         if config.codegen == "inductor":
-            return _compat.compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+            patches = {**_mode_config(mode), "custom_partitioner_fn": partitioner}
+            return _compat.compile_fx(gm, example_inputs, config_patches=patches)
+        if mode is not None:
+            raise ValueError(f"fxmem backend: mode={mode!r} sets Inductor's config and needs codegen='inductor'")
         return _eager(gm, example_inputs, partitioner)
+
+
+def _mode_config(mode: str | None) -> dict[str, Any]:
+    """The Inductor config ``torch.compile(mode=...)`` sets, as it would for the ``"inductor"`` backend."""
+    if mode is None:
+        return {}
+    modes = _compat.inductor_modes()
+    if mode not in modes:
+        raise ValueError(f"fxmem backend: mode must be one of {', '.join(map(repr, modes))}; got {mode!r}")
+    return dict(modes[mode])
 
 
 def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: FxmemPartitioner) -> Any:

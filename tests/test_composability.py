@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import fxmem
 import models.gpt
 import models.mlp
-from fxmem import capacity
+from fxmem import _compat, capacity
 from fxmem.report import BACKWARD_ONLY_REASON
 from tests.helpers import build, cosines, param_grads, planned_reports, rel_err
 
@@ -344,3 +344,46 @@ def test_inspect_with_inductor_on_a_warm_cache(inductor_cache):
     torch._dynamo.reset()
     report = fxmem.inspect(model, *inputs, codegen="inductor")  # same options: a cache hit
     assert len(report) == 1
+
+
+# --- torch.compile's mode ------------------------------------------------------------------------------------
+
+# fp32 with Inductor: fused kernels reorder floating-point reductions.
+INDUCTOR_TOL = 1e-4
+
+
+@pytest.mark.slow
+def test_compile_mode_sets_inductors_config(monkeypatch, inductor_cache):
+    """``mode=`` reaches Inductor as with the ``"inductor"`` backend, beside fxmem's partitioner. On a CPU
+    Inductor skips the CUDA graphs "reduce-overhead" asks for; the plan and the gradients are unchanged."""
+    seen = []
+    compile_fx = _compat.compile_fx
+
+    def recording(gm, example_inputs, config_patches):
+        seen.append(config_patches)
+        return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+    monkeypatch.setattr(_compat, "compile_fx", recording)
+    model, inputs = models.mlp.build("tiny")
+    reference = copy.deepcopy(model)
+    reference(*inputs).backward()
+    backend = fxmem.backend(memory_budget=0.4)
+    torch.compile(model, backend=backend, mode="reduce-overhead")(*inputs).backward()
+    (patches,) = seen
+    assert patches["triton.cudagraphs"] is True and "custom_partitioner_fn" in patches
+    (report,) = planned_reports(backend, 1)
+    assert report.predicted_saved_bytes <= report.budget_bytes
+    assert rel_err(param_grads(model), param_grads(reference)) <= INDUCTOR_TOL
+
+
+@pytest.mark.parametrize(
+    ("options", "mode", "match"),
+    [
+        ({"codegen": "eager"}, "max-autotune", "mode='max-autotune' sets Inductor's config and needs codegen="),
+        ({}, "fastest", "mode must be one of 'default', .*'max-autotune'.*; got 'fastest'"),
+    ],
+)
+def test_compile_mode_errors(options, mode, match):
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=match):
+        fxmem.backend(**options)(gm, [torch.randn(1, 2)], mode=mode)
