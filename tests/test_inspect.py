@@ -209,6 +209,7 @@ def test_several_graphs(inspected):
     _, _, first = inspected("mlp", "budget")
     _, _, second = inspected("mlp", "budget-int8")
     both = Report(first.graphs + second.graphs)
+    assert (both[0], both[-1]) == (first.graphs[0], second.graphs[0]) and list(both) == both.graphs
     assert both.predicted_saved_bytes == first.predicted_saved_bytes + second.predicted_saved_bytes
     assert both.reference_saved_bytes == first.reference_saved_bytes + second.reference_saved_bytes
     name = min({r.name for r in first.graphs[0].rows} & {r.name for r in second.graphs[0].rows})

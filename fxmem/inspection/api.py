@@ -56,6 +56,9 @@ class Report:
     def __iter__(self) -> Iterator[GraphReport]:
         return iter(self.graphs)
 
+    def __getitem__(self, index: int) -> GraphReport:
+        return self.graphs[index]
+
     # ---- totals over the graphs (None where a graph does not know) ----
 
     @property
