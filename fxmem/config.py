@@ -45,7 +45,13 @@ def parse_bytes(text: str) -> int:
             f"memory_budget: cannot read {text!r} as a size; use a number with one of the units "
             f"{', '.join(sorted({'B', 'KB', 'MB', 'GB', 'TB', 'KiB', 'MiB', 'GiB', 'TiB'}))}, e.g. '6GiB'"
         )
-    return int(float(match.group(1)) * _UNITS[unit or "b"])
+    size = float(match.group(1)) * _UNITS[unit or "b"]
+    if unit in ("", "b") and not size.is_integer():  # "0.4" would silently be a 0-byte budget
+        raise ValueError(
+            f"memory_budget: {text!r} is not a whole number of bytes; a fraction is a float (0.4), "
+            f"not a string, and a size is whole bytes or has a unit, e.g. '6GiB'"
+        )
+    return int(size)
 
 
 def _normalise_budget(value: Any) -> float | int | None:

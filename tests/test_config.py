@@ -116,6 +116,13 @@ def test_bad_size_strings(text):
         parse_bytes(text)
 
 
+@pytest.mark.parametrize("text", ["0.4", "1.5", "0.5B"])
+def test_a_fraction_as_a_string_is_refused(text):
+    """As bytes, "0.4" would be a 0-byte budget; the error says a fraction is a float."""
+    with pytest.raises(ValueError, match=r"not a whole number of bytes; a fraction is a float \(0.4\)"):
+        FxmemConfig(memory_budget=text)
+
+
 @pytest.mark.parametrize(
     "value, expected",
     [(None, None), (0.4, 0.4), (0.0, 0.0), (1.0, 1.0), (0, 0.0), (1, 1.0), (4096, 4096)],
