@@ -62,6 +62,21 @@ def test_default_is_measured_on_the_graph_inductor_partitions(case, inductor_cac
     assert rel_err(grads, eager_grads) <= EAGER_TOL
 
 
+@pytest.mark.parametrize(
+    ("case", "loads"), [(_no_ops_case, False), (_masked_attention_case, True)], ids=["no-bmm", "bmm"]
+)
+def test_pattern_tables_load_only_for_graphs_whose_rewrites_run(case, loads, monkeypatch):
+    """Loading Inductor's pattern tables costs 0.3-0.4 s of a fresh process's first call; the
+    eager codegen runs the rewrites, and so needs the tables, only on a graph with a batched matmul."""
+    from torch._inductor.fx_passes import joint_graph
+
+    calls = []
+    monkeypatch.setattr(joint_graph, "lazy_init", lambda *args, **kwargs: calls.append(args))
+    model, inputs = case()
+    run_step(model, inputs, fxmem.backend(memory_budget=BUDGET, codegen="eager"))
+    assert bool(calls) == loads
+
+
 @pytest.mark.parametrize("variant", ["affine", "no-affine", "no-running-stats", "batchnorm1d", "eval", "channels-last"])
 def test_batch_norm_backward_kept_whole_matches_eager(variant):
     """The eager codegen keeps batch norm's backward as one op in training (traced without the running
