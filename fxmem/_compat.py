@@ -114,12 +114,11 @@ def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
     Inductor's ``use_joint_graph_passes`` is off."""
     from torch._inductor import config
     from torch._inductor.fx_passes import joint_graph
-    from torch._inductor.fx_passes.joint_graph import joint_graph_passes
 
     if not getattr(config, "use_joint_graph_passes", True):
         return gm
     kwargs = {}
-    if "input_device" in inspect.signature(joint_graph_passes).parameters:  # newer releases take it
+    if "input_device" in inspect.signature(joint_graph.joint_graph_passes).parameters:  # newer releases take it
         values = (node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder"))
         devices = (v.device for v in values if isinstance(v, torch.Tensor) and v.device.type != "meta")
         kwargs["input_device"] = next(devices, None)
@@ -128,7 +127,7 @@ def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
     # Without the rewrites, their pattern tables need not load: 0.3-0.4 s of a first call in a fresh process.
     tables = contextlib.nullcontext() if patterns else mock.patch.object(joint_graph, "lazy_init", lambda *a, **k: None)
     with config.patch(fallback_random=True, pattern_matcher=patterns), tables:
-        out = joint_graph_passes(gm, **kwargs)
+        out = joint_graph.joint_graph_passes(gm, **kwargs)
     return gm if out is None else out
 
 
