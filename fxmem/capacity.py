@@ -34,7 +34,7 @@ from fxmem import _compat
 from fxmem.compiler import _eager
 from fxmem.config import FxmemConfig, parse_bytes
 from fxmem.inspection.api import Report, _compile_kwargs, _device_type
-from fxmem.memory import layout_copy_bytes, saved_nodes, saved_storages, static_vals, storage_key
+from fxmem.memory import saved_nodes, saved_storages, static_vals, storage_key
 from fxmem.partitioner import FxmemPartitioner, _copy
 from fxmem.report import GraphReport
 from fxmem.simulate import Timeline, _Memory, walk_step
@@ -208,10 +208,10 @@ def _simulate_formulas(t: _Traced, batch: int, fused: bool) -> _GraphPeak:
     points = list(dict.fromkeys(sympy.expand(b) for _, _, b in timeline.points)) or [
         sympy.Integer(timeline.static_bytes)
     ]
-    # What the forward saves (parameters excluded): fxmem.memory.predicted_saved_bytes over formulas.
+    # What the forward saves (parameters excluded; fxmem's forward saves no copy of one, see
+    # fxmem.rewrite.save_parameters_in_place): fxmem.memory.predicted_saved_bytes over formulas.
     saved_list = saved_nodes(t.fw, t.num_fwd_outputs)
-    saved: Any = sympy.Integer(layout_copy_bytes(t.fw, saved_list, static_list) if fused else 0)
-    saved += sum(formulas[storage_key(val)] for val in saved_storages(saved_list, static_list))
+    saved: Any = sum(formulas[storage_key(val)] for val in saved_storages(saved_list, static_list))
     return _GraphPeak(_prune(points), sympy.expand(saved), timeline.static_bytes, t.report)
 
 

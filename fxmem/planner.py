@@ -11,7 +11,6 @@ from fxmem import _compat
 from fxmem.capture import JointGraph, NodeFacts
 from fxmem.config import FxmemConfig
 from fxmem.cost import CostModel
-from fxmem.memory import channels_last_copies
 from fxmem.quant import IntegerQuantizer, Quantizer, get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
 from fxmem.rewrite import Codec
 from fxmem.solve import Plan, Problem, QuantOption, SolverNode
@@ -67,9 +66,6 @@ def build_problem(
     bits["int8"] = 8  # normalisation inputs use row-aligned int8 whatever format was asked for
     bits[BITMASK] = 8  # lossless: admitted with the widest tier
     owners_static = {n.name for n in joint.static_inputs}
-    # Under Inductor a saved convolution weight may hold a channels-last copy. Deciding from the joint
-    # graph can miss it (Inductor decides on the forward, which has fewer nodes per conv), never invent it.
-    copied = channels_last_copies(joint.gm) if config.codegen == "inductor" else set()
     required = set(joint.required)
     nodes: list[SolverNode] = []
     node_codecs: dict[tuple[str, str], Codec] = {}
@@ -87,7 +83,7 @@ def build_problem(
         own = cost.node_time(facts.flops, facts.bytes_moved, dtype)
         forward_s += own
         static = tensor is None or tensor.storage_owner in owners_static
-        held = 0 if static and node not in copied else tensor.nbytes
+        held = 0 if static else tensor.nbytes  # Inductor saves no copy of it (save_parameters_in_place)
         # recompute=False still rebuilds what reads nothing (views of a held base, constants, index ranges),
         # leaves backward work (nodes no forward output needs) to the backward, and honours checkpointing.
         free = facts.kind in ("view", "getitem") or all(_compat.is_sym_node(a) for a in node.all_input_nodes)

@@ -179,8 +179,6 @@ def _reason(
         return f"stored as {fmt}: the cheapest way to hold it under the budget"
     if node.save_bytes == 0:
         return "a parameter or buffer: holding it costs nothing"
-    if kind == "param":
-        return "a convolution weight: Inductor's layout optimization holds a channels-last copy of it"
     if not node.can_recompute:
         return _held_reason(facts)
     return _blocked_reason(node, problem, saved) or "recomputing it would cost more time than the budget allows"

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from fxmem import _compat
 from fxmem.capture import JointGraph, UnsupportedGraph
+from fxmem.memory import channels_last_copies
 from fxmem.solve import Plan
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,37 @@ def split(
     bw = place_recompute_late(bw)
     bw.graph.lint()
     return fw, bw, saved
+
+
+def save_parameters_in_place(fw: fx.GraphModule, num_fwd_outputs: int, static_names: set[str]) -> None:
+    """Have Inductor's forward save the parameters themselves, not channels-last copies of them.
+
+    Under layout optimization Inductor saves a channels-last copy of each saved input that reaches a
+    convolution (``channels_last_copies``), held from the forward to the backward; for a parameter those
+    are bytes the parameter holds already. Inductor lays out channels-last the nodes that lead to a
+    convolution and the direct users of those that come before the last one. A view of a view of the
+    parameter, placed at the end of the forward, is neither: it keeps the parameter's strides, and a
+    same-shape ``expand`` lowers to the parameter itself. The backward makes a transient copy where a
+    convolution reads the weight, as it does for any weight not channels-last.
+    """
+    (out,) = fw.graph.find_nodes(op="output")
+    results = list(out.args[0])
+    copied = {n for n in channels_last_copies(fw) if n.name in static_names}
+    if copied.isdisjoint(results[num_fwd_outputs:]):
+        return
+    with fw.graph.inserting_before(out):
+        for i in range(num_fwd_outputs, len(results)):
+            if results[i] in copied:
+                results[i] = _same_shape_view(fw.graph, _same_shape_view(fw.graph, results[i]))
+    out.args = (tuple(results),)
+    fw.recompile()
+
+
+def _same_shape_view(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    keep = [-1] * node.meta["val"].dim()  # each size as it is, symbolic or not
+    view = graph.call_function(torch.ops.aten.expand.default, (node, keep))
+    view.meta["val"] = node.meta["val"].expand(keep)
+    return view
 
 
 def _check_backward_inputs(bw: fx.GraphModule, saved: list[fx.Node], saved_sym: list[fx.Node]) -> None:

@@ -38,8 +38,14 @@ def params_and_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def measure_saved_bytes(fn: Callable[..., Any], *inputs: Any, exclude: Iterable[torch.Tensor] = ()) -> tuple[Any, int]:
-    """Run ``fn(*inputs)`` and return ``(its result, bytes saved for the backward)``.
+def measure_saved_bytes(
+    fn: Callable[..., Any],
+    *inputs: Any,
+    exclude: Iterable[torch.Tensor] = (),
+    on_save: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[Any, int]:
+    """Run ``fn(*inputs)`` and return ``(its result, bytes saved for the backward)``; ``on_save`` sees each
+    saved tensor.
 
     Every tensor autograd saves goes through ``saved_tensors_hooks``; tensors are grouped by storage (a
     view and its base count once) and the storages of ``exclude`` (parameters and buffers) are left out.
@@ -53,6 +59,8 @@ def measure_saved_bytes(fn: Callable[..., Any], *inputs: Any, exclude: Iterable[
         ptr = storage.data_ptr()
         if ptr not in excluded:
             storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
+        if on_save is not None:
+            on_save(tensor)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -170,7 +170,8 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     the model's parameters, buffers and ``.grad`` and the random state are left as they were.
 
     ``options`` are fxmem's (``memory_budget``, ``quantize``, ...); ``codegen`` defaults to ``"eager"``,
-    which plans the same and compiles faster (pass ``codegen="inductor"`` to count Inductor's layout copies).
+    which plans the same and compiles faster (pass ``codegen="inductor"`` for a reference that counts the
+    channels-last copies torch.compile's default makes of convolution weights).
     """
     from fxmem.compiler import FxmemCompiler  # here: fxmem/__init__ imports this package
 
