@@ -209,7 +209,7 @@ def _simulate_formulas(t: _Traced, batch: int, fused: bool) -> _GraphPeak:
         sympy.Integer(timeline.static_bytes)
     ]
     # What the forward saves (parameters excluded; fxmem's forward saves no copy of one, see
-    # fxmem.rewrite.save_parameters_in_place): fxmem.memory.predicted_saved_bytes over formulas.
+    # fxmem.rewrite.save_inputs_in_place): fxmem.memory.predicted_saved_bytes over formulas.
     saved_list = saved_nodes(t.fw, t.num_fwd_outputs)
     saved: Any = sum(formulas[storage_key(val)] for val in saved_storages(saved_list, static_list))
     return _GraphPeak(_prune(points), sympy.expand(saved), timeline.static_bytes, t.report)

@@ -32,7 +32,7 @@ from fxmem.cost import get_cost_model, resolve_profile
 from fxmem.memory import outside_graph_bytes, predicted_saved_bytes, read_by_backward, saved_bytes, static_vals
 from fxmem.planner import PlanningInputs, build_problem, keep_thresholds_exact
 from fxmem.report import GraphReport, record_report, tensor_rows
-from fxmem.rewrite import save_parameters_in_place, split
+from fxmem.rewrite import save_inputs_in_place, split
 from fxmem.simulate import Timeline, simulate
 from fxmem.solve import Plan, get_solver
 
@@ -271,7 +271,7 @@ def _attempt(
     t = time.perf_counter()
     fw, bw, saved = split(joint, plan, inputs.codecs, inputs.node_codecs)
     if config.codegen == "inductor":
-        save_parameters_in_place(fw, num_fwd_outputs, {n.name for n in joint.static_inputs})
+        save_inputs_in_place(fw, num_fwd_outputs)
     timeline = simulate(
         fw, bw, num_fwd_outputs, static_vals(gm, static), fused=config.codegen == "inductor",
         outside_bytes=outside_graph_bytes(gm),

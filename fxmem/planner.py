@@ -83,7 +83,7 @@ def build_problem(
         own = cost.node_time(facts.flops, facts.bytes_moved, dtype)
         forward_s += own
         static = tensor is None or tensor.storage_owner in owners_static
-        held = 0 if static else tensor.nbytes  # Inductor saves no copy of it (save_parameters_in_place)
+        held = 0 if static else tensor.nbytes  # Inductor saves no copy of it (save_inputs_in_place)
         # recompute=False still rebuilds what reads nothing (views of a held base, constants, index ranges),
         # leaves backward work (nodes no forward output needs) to the backward, and honours checkpointing.
         free = facts.kind in ("view", "getitem") or all(_compat.is_sym_node(a) for a in node.all_input_nodes)

@@ -211,20 +211,20 @@ def split(
     return fw, bw, saved
 
 
-def save_parameters_in_place(fw: fx.GraphModule, num_fwd_outputs: int, static_names: set[str]) -> None:
-    """Have Inductor's forward save the parameters themselves, not channels-last copies of them.
+def save_inputs_in_place(fw: fx.GraphModule, num_fwd_outputs: int) -> None:
+    """Have Inductor's forward save its inputs themselves, not channels-last copies of them.
 
     Under layout optimization Inductor saves a channels-last copy of each saved input that reaches a
-    convolution (``channels_last_copies``), held from the forward to the backward; for a parameter those
-    are bytes the parameter holds already. Inductor lays out channels-last the nodes that lead to a
-    convolution and the direct users of those that come before the last one. A view of a view of the
-    parameter, placed at the end of the forward, is neither: it keeps the parameter's strides, and a
-    same-shape ``expand`` lowers to the parameter itself. The backward makes a transient copy where a
-    convolution reads the weight, as it does for any weight not channels-last.
+    convolution (``channels_last_copies``), held from the forward to the backward: for a parameter, bytes
+    the parameter holds already; for the batch, bytes its caller holds. Inductor lays out channels-last
+    the nodes that lead to a convolution and the direct users of those that come before the last one. A
+    view of a view of the input, placed at the end of the forward, is neither: it keeps the input's
+    strides, and a same-shape ``expand`` lowers to the input itself. The backward makes a transient copy
+    where a convolution reads it, as it does for any input not channels-last.
     """
     (out,) = fw.graph.find_nodes(op="output")
     results = list(out.args[0])
-    copied = {n for n in channels_last_copies(fw) if n.name in static_names}
+    copied = channels_last_copies(fw)
     if copied.isdisjoint(results[num_fwd_outputs:]):
         return
     with fw.graph.inserting_before(out):
