@@ -12,14 +12,22 @@ import torch.fx as fx
 from fxmem import _compat
 
 
+def _held_in(val: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The strided tensors that hold ``val``'s data: ``val``, or a sparse COO tensor's indices and values
+    (an embedding's sparse gradient), which has no storage of its own."""
+    return (val._indices(), val._values()) if val.layout == torch.sparse_coo else (val,)
+
+
 def storage_key(val: Any) -> Any:
     """What identifies a tensor's storage (views share it); ``None`` for a non-tensor."""
-    return _compat.StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
+    return _compat.StorageWeakRef(_held_in(val)[-1].untyped_storage()) if isinstance(val, torch.Tensor) else None
 
 
 def storage_bytes(val: Any) -> int:
     """Bytes of a tensor's whole storage at the traced sizes; 0 for a non-tensor."""
-    return _compat.hint(val.untyped_storage().nbytes()) if isinstance(val, torch.Tensor) else 0
+    if not isinstance(val, torch.Tensor):
+        return 0
+    return sum(_compat.hint(t.untyped_storage().nbytes()) for t in _held_in(val))
 
 
 def returns_view(target: Any) -> bool:

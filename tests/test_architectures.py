@@ -346,3 +346,38 @@ def test_hand_written_attention_under_inductor(budget, inductor_cache):
     (report,) = backend.reports
     assert report.reference_saved_bytes == default
     assert saved == report.predicted_saved_bytes <= (budget + SLACK) * default
+
+
+class SparseEmbedding(nn.Module):
+    """An embedding with sparse gradients (``sparse=True``) under a small MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 32, sparse=True)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 4))
+
+    def forward(self, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.mlp(self.embed(idx).mean(1)), labels)
+
+
+@pytest.mark.parametrize("budget", [0.7, 0.4])
+def test_sparse_embedding_gradients_are_planned(budget):
+    """The embedding's gradient is a sparse tensor, which has no storage of its own: the simulator counts
+    its indices and values. (It asked for the storage, and the graph fell back to PyTorch's partitioner.)"""
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randint(0, 100, (8, 6), generator=generator), torch.randint(0, 4, (8,), generator=generator))
+
+    def step(backend) -> tuple[list[torch.Tensor], int]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        _, grads, saved = run_step(SparseEmbedding(), inputs, backend)
+        return [g.to_dense() for g in grads], saved
+
+    grads_ref, _ = step(None)
+    _, default = step("inductor")
+    backend = fxmem.backend(memory_budget=budget, codegen="eager", quantize="none")
+    grads, saved = step(backend)
+    (report,) = backend.reports
+    assert report.fallback_reason is None
+    assert saved == report.predicted_saved_bytes <= (budget + SLACK) * default
+    assert rel_err(grads, grads_ref) <= GRAD_TOL
