@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
 
@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._functorch import partitioners as _partitioners
-from torch._functorch._aot_autograd.descriptors import InputMutationAOTOutput
+from torch._functorch._aot_autograd.descriptors import ForwardTokenAOTInput, InputMutationAOTOutput
 from torch._functorch._aot_autograd.utils import _is_primal, _is_tangent
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import (
@@ -65,6 +65,7 @@ __all__ = [
     "mutated_inputs",
     "recorded_cuda_allocations",
     "size_oblivious",
+    "static_input_positions",
     "symbolic_expr",
     "tensor_metadata",
     "trace_with_decompositions",
@@ -391,6 +392,19 @@ def recorded_cuda_allocations(events: list[dict[str, Any]]) -> Iterator[None]:
         events.extend(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
     finally:
         torch.cuda.memory._record_memory_history(None)
+
+
+def static_input_positions(gm: fx.GraphModule, static_indices: Sequence[int]) -> list[int]:
+    """Where the inputs AOTAutograd calls static (parameters, buffers) are among the joint graph ``gm``'s
+    primal inputs. An effectful op (``aten._linalg_check_errors``, behind ``torch.linalg.solve``) puts
+    effect tokens first among them, and AOTAutograd 2.11-2.13 leaves ``static_input_indices`` counting
+    the inputs after the tokens for a joint graph (it shifts them for an inference graph only): read as
+    positions, as PyTorch's partitioners read them, they are off by the number of tokens."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    tokens = 0
+    while tokens < len(placeholders) and isinstance(placeholders[tokens].meta.get("desc"), ForwardTokenAOTInput):
+        tokens += 1
+    return [i + tokens for i in static_indices]
 
 
 def mutated_inputs(gm: fx.GraphModule) -> set[fx.Node]:

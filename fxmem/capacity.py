@@ -118,7 +118,8 @@ class _RecordingPartitioner(FxmemPartitioner):
         super().__init__(config, on_report=self.reports.append)
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
-        static = static_vals(gm, list(kwargs.get("static_lifetime_input_indices") or []))
+        given = kwargs.get("static_lifetime_input_indices") or []
+        static = static_vals(gm, _compat.static_input_positions(gm, given))
         fw, bw = super().__call__(gm, joint_inputs, **kwargs)
         # Copies of the graphs as planned (Inductor rewrites the ones it compiles); they share the fake values.
         self.traced.append(_Traced(_copy(fw), _copy(bw), kwargs["num_fwd_outputs"], static, self.reports[-1]))

@@ -111,7 +111,8 @@ class Reference:
 
     gm: fx.GraphModule
     num_fwd_outputs: int
-    static_indices: list[int]
+    static_indices: list[int]  # as AOTAutograd gave them to the partitioner, which PyTorch's reads
+    static_positions: list[int]  # where the parameters and buffers are (``_compat.static_input_positions``)
     codegen: str
     saved_bytes: int | None = None
     error: Exception | None = None
@@ -130,17 +131,19 @@ class Reference:
     def timeline(self) -> Timeline | None:
         try:
             fw, bw = self.split()
-            static = static_vals(self.gm, self.static_indices)
+            static = static_vals(self.gm, self.static_positions)
             return simulate(fw, bw, self.num_fwd_outputs, static, fused=self.codegen == "inductor")
         except Exception as err:  # the reference is advisory
             log.info("fxmem: could not simulate the default partitioner's plan: %s", err)
             return None
 
 
-def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: list[int], codegen: str) -> Reference:
+def reference_plan(
+    gm: fx.GraphModule, num_fwd_outputs: int, static_indices: list[int], static_positions: list[int], codegen: str
+) -> Reference:
     """What PyTorch's default partition of ``gm`` saves. Its partitioner prepares ``gm`` (CSE, tags), so
     from then on ``gm`` belongs to the reference."""
-    reference = Reference(gm, num_fwd_outputs, static_indices, codegen)
+    reference = Reference(gm, num_fwd_outputs, static_indices, static_positions, codegen)
     try:
         chosen = _compat.default_saved_values(
             gm, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_indices
@@ -148,7 +151,7 @@ def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: lis
         saved = read_by_backward(gm, chosen, num_fwd_outputs)
         # Inductor's layout copies are decided on the joint graph here, as the planner decides them: on a
         # GPU that may miss a copy the real forward makes (a tighter budget), never add one.
-        reference.saved_bytes = saved_bytes(gm, saved, static_vals(gm, static_indices), codegen=codegen)
+        reference.saved_bytes = saved_bytes(gm, saved, static_vals(gm, static_positions), codegen=codegen)
     except Exception as err:  # the reference is advisory: planning goes on without it
         log.info("fxmem: could not compute the default partitioner's plan: %s", err)
         reference.error = err
@@ -181,7 +184,8 @@ def partition(
     **kwargs: Any,
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     graph_id = next(_graph_ids)
-    static = list(static_lifetime_input_indices or [])
+    torch_static = list(static_lifetime_input_indices or [])  # what PyTorch's partitioner reads
+    static = _compat.static_input_positions(gm, torch_static)
     report = GraphReport(graph_id=graph_id, options=config.as_dict())
     started = time.perf_counter()
     reference = None
@@ -189,7 +193,7 @@ def partition(
         # fxmem plans on a graph of its own: PyTorch's partitioner prepares gm for the reference
         own = None if _compat.partitioner_replaces_graph() else _copy(gm)
         given = gm.graph
-        reference = _recorded_reference(report, gm, num_fwd_outputs, static, config.codegen)
+        reference = _recorded_reference(report, gm, num_fwd_outputs, torch_static, static, config.codegen)
         if own is None:
             own = _graph_left_by_reference(gm, given)
         fw, bw = _plan_and_split(own, num_fwd_outputs, static, config, reference.saved_bytes, report)
@@ -200,7 +204,7 @@ def partition(
         log.warning("fxmem: graph %d falls back to PyTorch's partitioner: %s", graph_id, reason)
         report.fallback_reason = reason
         if reference is None:  # fxmem failed before the reference looked at gm
-            reference = _recorded_reference(report, gm, num_fwd_outputs, static, config.codegen)
+            reference = _recorded_reference(report, gm, num_fwd_outputs, torch_static, static, config.codegen)
         fw, bw = reference.split()  # raises where PyTorch's own partitioner fails on this graph too
         report.predicted_saved_bytes = reference.saved_bytes
     report.partition_time_s = time.perf_counter() - started
@@ -217,10 +221,15 @@ def _graph_left_by_reference(gm: fx.GraphModule, given: fx.Graph) -> fx.GraphMod
 
 
 def _recorded_reference(
-    report: GraphReport, gm: fx.GraphModule, num_fwd_outputs: int, static: list[int], codegen: str
+    report: GraphReport,
+    gm: fx.GraphModule,
+    num_fwd_outputs: int,
+    torch_static: list[int],
+    static: list[int],
+    codegen: str,
 ) -> Reference:
     started = time.perf_counter()
-    reference = reference_plan(gm, num_fwd_outputs, static, codegen)
+    reference = reference_plan(gm, num_fwd_outputs, torch_static, static, codegen)
     report.reference_saved_bytes = reference.saved_bytes
     if _simulate_reference.get():
         report.reference_timeline = reference.timeline()

@@ -14,6 +14,7 @@ import torch
 
 import fxmem
 import fxmem.partitioner
+from fxmem import _compat
 from fxmem.bench.measure import joint_graphs
 from fxmem.capture import UnsupportedGraph
 from fxmem.compiler import FxmemCompiler
@@ -450,8 +451,9 @@ def test_reference_bytes_are_those_of_pytorchs_split(case, codegen):
     joints = joint_graphs(*build(*case))
     assert joints
     for gm, _, kwargs in joints:
-        outputs, static = kwargs["num_fwd_outputs"], list(kwargs.get("static_lifetime_input_indices") or [])
-        reference = fxmem.partitioner.reference_plan(gm, outputs, static, codegen)
+        outputs, given = kwargs["num_fwd_outputs"], list(kwargs.get("static_lifetime_input_indices") or [])
+        static = _compat.static_input_positions(gm, given)
+        reference = fxmem.partitioner.reference_plan(gm, outputs, given, static, codegen)
         fw, _ = reference.split()
         assert reference.saved_bytes == predicted_saved_bytes(fw, outputs, static_vals(gm, static), codegen=codegen)
 
