@@ -296,11 +296,29 @@ MODELS = {
 }
 
 
-def _step(name: str, backend) -> tuple[list[torch.Tensor], int]:
+def _step_of(make, inputs: tuple[torch.Tensor, ...], backend, seed: int | None = None) -> tuple[list, int]:
+    """A fresh ``make()``'s gradients (dense) and saved bytes after one step with ``backend``."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    _, grads, saved = run_step(MODELS[name](), _inputs(name), backend, seed=1)  # seed: the VAE's noise
-    return grads, saved
+    _, grads, saved = run_step(make(), inputs, backend, seed=seed)
+    return [g.to_dense() for g in grads], saved
+
+
+def _step(name: str, backend) -> tuple[list[torch.Tensor], int]:
+    return _step_of(MODELS[name], _inputs(name), backend, seed=1)  # seed: the VAE's noise
+
+
+def _assert_planned_within(budget: float, make, inputs: tuple[torch.Tensor, ...]) -> None:
+    """fxmem plans ``make()``'s one graph (no fallback), saves what it predicts and at most (budget + SLACK)
+    x the default, with eager's gradients."""
+    grads_ref, _ = _step_of(make, inputs, None)
+    _, default = _step_of(make, inputs, "inductor")
+    backend = fxmem.backend(memory_budget=budget, codegen="eager", quantize="none")
+    grads, saved = _step_of(make, inputs, backend)
+    (report,) = backend.reports
+    assert report.fallback_reason is None
+    assert saved == report.predicted_saved_bytes <= (budget + SLACK) * default
+    assert rel_err(grads, grads_ref) <= GRAD_TOL
 
 
 # Inductor before 2.13 saves the attention's per-head queries, keys and values each as a buffer of its
@@ -366,21 +384,7 @@ def test_sparse_embedding_gradients_are_planned(budget):
     its indices and values. (It asked for the storage, and the graph fell back to PyTorch's partitioner.)"""
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randint(0, 100, (8, 6), generator=generator), torch.randint(0, 4, (8,), generator=generator))
-
-    def step(backend) -> tuple[list[torch.Tensor], int]:
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        _, grads, saved = run_step(SparseEmbedding(), inputs, backend)
-        return [g.to_dense() for g in grads], saved
-
-    grads_ref, _ = step(None)
-    _, default = step("inductor")
-    backend = fxmem.backend(memory_budget=budget, codegen="eager", quantize="none")
-    grads, saved = step(backend)
-    (report,) = backend.reports
-    assert report.fallback_reason is None
-    assert saved == report.predicted_saved_bytes <= (budget + SLACK) * default
-    assert rel_err(grads, grads_ref) <= GRAD_TOL
+    _assert_planned_within(budget, SparseEmbedding, inputs)
 
 
 class CayleyOrthogonal(nn.Module):
@@ -406,18 +410,4 @@ def test_static_inputs_are_found_behind_an_effect_token(budget):
     4,804 bytes at 0.7 where it predicted 2,756 (the batch's 2,048 bytes)."""
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randn(32, 16, generator=generator), torch.randint(0, 3, (32,), generator=generator))
-
-    def step(backend) -> tuple[list[torch.Tensor], int]:
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        _, grads, saved = run_step(CayleyOrthogonal(), inputs, backend)
-        return grads, saved
-
-    grads_ref, _ = step(None)
-    _, default = step("inductor")
-    backend = fxmem.backend(memory_budget=budget, codegen="eager", quantize="none")
-    grads, saved = step(backend)
-    (report,) = backend.reports
-    assert report.fallback_reason is None
-    assert saved == report.predicted_saved_bytes <= (budget + SLACK) * default
-    assert rel_err(grads, grads_ref) <= GRAD_TOL
+    _assert_planned_within(budget, CayleyOrthogonal, inputs)
