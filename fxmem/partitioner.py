@@ -138,11 +138,10 @@ class Reference:
             return None
 
 
-def reference_plan(
-    gm: fx.GraphModule, num_fwd_outputs: int, static_indices: list[int], static_positions: list[int], codegen: str
-) -> Reference:
+def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: list[int], codegen: str) -> Reference:
     """What PyTorch's default partition of ``gm`` saves. Its partitioner prepares ``gm`` (CSE, tags), so
     from then on ``gm`` belongs to the reference."""
+    static_positions = _compat.static_input_positions(gm, static_indices)
     reference = Reference(gm, num_fwd_outputs, static_indices, static_positions, codegen)
     try:
         chosen = _compat.default_saved_values(
@@ -185,7 +184,6 @@ def partition(
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     graph_id = next(_graph_ids)
     torch_static = list(static_lifetime_input_indices or [])  # what PyTorch's partitioner reads
-    static = _compat.static_input_positions(gm, torch_static)
     report = GraphReport(graph_id=graph_id, options=config.as_dict())
     started = time.perf_counter()
     reference = None
@@ -193,9 +191,10 @@ def partition(
         # fxmem plans on a graph of its own: PyTorch's partitioner prepares gm for the reference
         own = None if _compat.partitioner_replaces_graph() else _copy(gm)
         given = gm.graph
-        reference = _recorded_reference(report, gm, num_fwd_outputs, torch_static, static, config.codegen)
+        reference = _recorded_reference(report, gm, num_fwd_outputs, torch_static, config.codegen)
         if own is None:
             own = _graph_left_by_reference(gm, given)
+        static = reference.static_positions  # where the parameters and buffers are
         fw, bw = _plan_and_split(own, num_fwd_outputs, static, config, reference.saved_bytes, report)
     except InfeasibleBudget:
         raise
@@ -204,7 +203,7 @@ def partition(
         log.warning("fxmem: graph %d falls back to PyTorch's partitioner: %s", graph_id, reason)
         report.fallback_reason = reason
         if reference is None:  # fxmem failed before the reference looked at gm
-            reference = _recorded_reference(report, gm, num_fwd_outputs, torch_static, static, config.codegen)
+            reference = _recorded_reference(report, gm, num_fwd_outputs, torch_static, config.codegen)
         fw, bw = reference.split()  # raises where PyTorch's own partitioner fails on this graph too
         report.predicted_saved_bytes = reference.saved_bytes
     report.partition_time_s = time.perf_counter() - started
@@ -221,15 +220,10 @@ def _graph_left_by_reference(gm: fx.GraphModule, given: fx.Graph) -> fx.GraphMod
 
 
 def _recorded_reference(
-    report: GraphReport,
-    gm: fx.GraphModule,
-    num_fwd_outputs: int,
-    torch_static: list[int],
-    static: list[int],
-    codegen: str,
+    report: GraphReport, gm: fx.GraphModule, num_fwd_outputs: int, torch_static: list[int], codegen: str
 ) -> Reference:
     started = time.perf_counter()
-    reference = reference_plan(gm, num_fwd_outputs, torch_static, static, codegen)
+    reference = reference_plan(gm, num_fwd_outputs, torch_static, codegen)
     report.reference_saved_bytes = reference.saved_bytes
     if _simulate_reference.get():
         report.reference_timeline = reference.timeline()

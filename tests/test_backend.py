@@ -14,7 +14,6 @@ import torch
 
 import fxmem
 import fxmem.partitioner
-from fxmem import _compat
 from fxmem.bench.measure import joint_graphs
 from fxmem.capture import UnsupportedGraph
 from fxmem.compiler import FxmemCompiler
@@ -452,10 +451,10 @@ def test_reference_bytes_are_those_of_pytorchs_split(case, codegen):
     assert joints
     for gm, _, kwargs in joints:
         outputs, given = kwargs["num_fwd_outputs"], list(kwargs.get("static_lifetime_input_indices") or [])
-        static = _compat.static_input_positions(gm, given)
-        reference = fxmem.partitioner.reference_plan(gm, outputs, given, static, codegen)
+        reference = fxmem.partitioner.reference_plan(gm, outputs, given, codegen)
         fw, _ = reference.split()
-        assert reference.saved_bytes == predicted_saved_bytes(fw, outputs, static_vals(gm, static), codegen=codegen)
+        static = static_vals(gm, reference.static_positions)
+        assert reference.saved_bytes == predicted_saved_bytes(fw, outputs, static, codegen=codegen)
 
 
 def _planned_on(graph: torch.fx.Graph) -> bool:
