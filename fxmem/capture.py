@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
 from fxmem import _compat
+from fxmem.memory import storage_key
 
 RANDOM_TAG = torch.Tag.nondeterministic_seeded
 _MATMUL_OPS = {
@@ -416,8 +417,8 @@ def _node_facts(
     is_view = False
     if isinstance(val, torch.Tensor) and node.op in ("placeholder", "call_function", "get_attr"):
         try:
-            key = _compat.StorageWeakRef(val.untyped_storage())
-        except Exception:  # tensors without storage (e.g. sparse): treat as owning themselves
+            key = storage_key(val)
+        except Exception:  # tensors without storage (compressed sparse layouts): treat as owning themselves
             key = node.name
         base = known.get(_view_base(node))
         if base is not None and base.tensor is not None:

@@ -148,8 +148,8 @@ def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: lis
             gm, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_indices
         )
         saved = read_by_backward(gm, chosen, num_fwd_outputs)
-        # Inductor's layout copies are decided on the joint graph here, as the planner decides them: on a
-        # GPU that may miss a copy the real forward makes (a tighter budget), never add one.
+        # Inductor's layout copies are decided on the joint graph here: on a GPU that may miss a copy the
+        # real forward makes (a tighter budget), never add one.
         reference.saved_bytes = saved_bytes(gm, saved, static_vals(gm, static_positions), codegen=codegen)
     except Exception as err:  # the reference is advisory: planning goes on without it
         log.info("fxmem: could not compute the default partitioner's plan: %s", err)
