@@ -375,6 +375,30 @@ def test_compile_mode_sets_inductors_config(monkeypatch, inductor_cache):
     assert rel_err(param_grads(model), param_grads(reference)) <= INDUCTOR_TOL
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_the_planned_step(inductor_cache):
+    """On a GPU "reduce-overhead" records fxmem's forward and backward as CUDA graphs (none skipped) and
+    replays them: every step's gradients match eager's, the first (recording) and the later (replays)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model, inputs = models.mlp.build("tiny")
+    model, inputs = model.cuda(), [x.cuda() for x in inputs]
+    reference = copy.deepcopy(model)
+    reference(*inputs).backward()
+    backend = fxmem.backend(memory_budget=0.4)
+    compiled = torch.compile(model, backend=backend, mode="reduce-overhead")
+    counters.clear()
+    for _ in range(4):  # warm-up, recording, then replays
+        model.zero_grad(set_to_none=True)
+        compiled(*inputs).backward()
+        assert rel_err(param_grads(model), param_grads(reference)) <= INDUCTOR_TOL
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    (report,) = planned_reports(backend, 1)
+    assert report.predicted_saved_bytes <= report.budget_bytes
+
+
 @pytest.mark.parametrize(
     ("options", "mode", "match"),
     [
