@@ -416,8 +416,9 @@ def test_replay_sets_each_fused_model_against_a_traced_peak(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], inductor_cache
 ) -> None:
     """``python -m fxmem.bench.replay`` rebuilds the plan a traced step ran and simulates it again: as
-    fxmem plans it gives the recorded prediction; the bare walk and the scheduler model (no allowance)
-    predict less. A trace of several graphs is skipped, with the reason."""
+    fxmem plans it gives the recorded prediction; the scheduler model with no allowance predicts less,
+    and the walk with its former allowance more than the bare walk. A trace of several graphs is skipped,
+    with the reason."""
     import torch
 
     from fxmem.bench import replay
@@ -435,8 +436,8 @@ def test_replay_sets_each_fused_model_against_a_traced_peak(
     write_trace(path, {"label": "gpt tiny", "options": {}}, compiler.reports, [], 0, 2**20, simulations)
     row = replay.replay(json.loads(path.read_text()))
     assert row["predicted"]["fxmem"] == report.predicted_peak_bytes
-    assert row["predicted"]["walk"] < report.predicted_peak_bytes
-    assert row["predicted"]["fusion"] < row["predicted"]["fusion, 11/10"]
+    assert row["predicted"]["walk"] < row["predicted"]["walk, 7/6"]
+    assert row["predicted"]["fusion"] < report.predicted_peak_bytes
     skipped = {**json.loads(path.read_text()), "label": "two"}
     skipped["graphs"] *= 2
     (tmp_path / "two.json").write_text(json.dumps(skipped))

@@ -10,6 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fxmem
 from fxmem import _compat
 from fxmem.memory import channels_last_copies
+from fxmem.schedule import fused_schedule, graph_order
 from fxmem.simulate import _FUSED_ALLOWANCE, Timeline, _Memory, _stored_nodes, _walk
 from tests.helpers import measure_saved_bytes
 
@@ -105,7 +106,7 @@ def test_the_limits_are_inductors_for_the_device():
 def _fused_walk(fn, *inputs: torch.Tensor) -> Timeline:
     gm = make_fx(fn)(*inputs)
     timeline = Timeline()
-    _walk(gm, _Memory(0), "forward", set(), set(), True, timeline)
+    _walk(gm, _Memory(0), "forward", set(), set(), True, timeline, graph_order)
     return timeline
 
 
@@ -199,10 +200,9 @@ def test_saved_inputs_are_the_inputs_not_channels_last_copies(dtype, budget, ind
 
 
 def test_modelled_fusion_moves_a_consumer_up_to_its_producer_with_what_it_needs():
-    """In the scheduler model (``fxmem.bench.schedule``), ``g`` reads ``h``'s buffer and joins its kernel
+    """In the scheduler model (``fxmem.schedule``), ``g`` reads ``h``'s buffer and joins its kernel
     (vertical fusion), taking the matmul it needs, ``m2``, along before ``m``; ``g2`` needs ``m``, which
     needs ``h``: joining would make a cycle, so it stays after ``m``."""
-    from fxmem.bench.schedule import fused_schedule
 
     def f(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = x.cos()
@@ -221,3 +221,7 @@ def test_modelled_fusion_moves_a_consumer_up_to_its_producer_with_what_it_needs(
     assert sorted(order) == sorted(names) and order[-1] == "output"
     assert order.index("cos") < order.index("mm_1") < order.index("exp") < order.index("mm")
     assert order.index("exp_1") > order.index("mm")
+    timeline = Timeline()  # the fused walk runs the graph in the model's order
+    _walk(gm, _Memory(0), "forward", set(), set(), True, timeline)
+    walked = [n.name for n in fused_schedule(gm, stored) if n.op not in ("placeholder", "output")]
+    assert [name for _, name, _ in timeline.points] == walked != names[3:-1]

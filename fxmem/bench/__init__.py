@@ -6,8 +6,8 @@ Stages, one module each: ``matrix`` (which configurations), ``launch`` (a fresh 
 configuration), ``runner`` (one configuration, in that process; ``systems`` sets each system up and
 ``measure`` counts saved bytes), ``results`` (table and JSON), ``plot`` (the Pareto plot), ``targets``
 (the checks against fxmem's targets), ``cli`` (the command). Beside them: ``sweep`` (absolute budgets
-against measured peaks), ``trace`` (allocation traces of a CUDA step), ``replay`` (traces against the
-simulator's fused model and its variants) and ``schedule`` (a model of Inductor's scheduler fusion).
+against measured peaks), ``trace`` (allocation traces of a CUDA step) and ``replay`` (traces against the
+simulator's fused model and its variants).
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@
     python -m fxmem.bench.replay out/traces/a.json b.json
 
 For each trace of a one-graph step (``fxmem.bench.trace``), the plan the step ran is rebuilt on fake
-tensors and simulated again: by the graph's order with no allowance, as fxmem plans (the graph's order,
-with the allowance on graph memory that ``fxmem.simulate`` uses), and in the order of the model of
-Inductor's scheduler fusion in ``fxmem.bench.schedule`` (no allowance, then 11/10). Each prediction
-is set against the peak the step allocated; the table shows the error in %.
+tensors and simulated again: in the graph's order with no allowance and with 7/6 on graph memory (how
+fxmem planned before 2026-11-28), in the order of the model of Inductor's scheduler fusion
+(``fxmem.schedule``) with no allowance, and as fxmem plans (that model, with the allowance that
+``fxmem.simulate`` uses). Each prediction is set against the peak the step allocated; the table shows
+the error in %.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ __all__ = ["VARIANTS", "replay"]
 # (name, graph-memory allowance or None for fxmem's own, whether to run the scheduler fusion model)
 VARIANTS: tuple[tuple[str, tuple[int, int] | None, bool], ...] = (
     ("walk", (1, 1), False),
-    ("fxmem", None, False),
+    ("walk, 7/6", (7, 6), False),
     ("fusion", (1, 1), True),
-    ("fusion, 11/10", (11, 10), True),
+    ("fxmem", None, True),
 )
 
 
 def replay(trace: dict[str, Any]) -> dict[str, Any]:
     """``{"label", "measured", "recorded", "predicted": {variant: bytes}}`` for one trace, or with
     ``"skipped"`` (why) instead of predictions."""
-    from fxmem.bench.schedule import fused_schedule
     from fxmem.bench.trace import load_simulation
+    from fxmem.schedule import graph_order
     from fxmem.simulate import simulate
 
     row: dict[str, Any] = {"label": trace.get("label"), "measured": trace.get("peak_bytes")}
@@ -48,8 +49,8 @@ def replay(trace: dict[str, Any]) -> dict[str, Any]:
     row["predicted"] = {}
     for name, allowance, fusion in VARIANTS:
         options: dict[str, Any] = {} if allowance is None else {"allowance": allowance}
-        if fusion:
-            options["schedule"] = fused_schedule
+        if not fusion:
+            options["schedule"] = graph_order
         row["predicted"][name] = simulate(fw, bw, **kwargs, **options).peak_bytes
     return row
 

@@ -1,8 +1,10 @@
-"""A model of Inductor's scheduler fusion, for fxmem's fused memory walk, to be tried against GPU traces.
+"""A model of Inductor's scheduler fusion: the order in which fxmem's fused memory walk runs a graph.
 
-fxmem's planning does not use it: ``fxmem.simulate`` walks each graph in its own order and counts graph
-memory with an allowance for what the scheduler moves. ``python -m fxmem.bench.replay`` compares both on
-recorded traces. The model follows ``Scheduler.fuse_nodes`` (torch 2.11):
+Inductor's scheduler fuses kernels across the graph, so it computes some results earlier, and keeps
+some buffers alive longer, than the graph's order says (on GPT and ViT, one kernel at the start of the
+backward recomputes the residual stream of every layer). ``fxmem.simulate`` walks each graph in the
+order this model gives. ``python -m fxmem.bench.replay`` sets it against recorded GPU traces. The model
+follows ``Scheduler.fuse_nodes`` (torch 2.11):
 
 * kernels are the nodes Inductor writes to memory. A loop kernel (not a matmul, extern or fallback op)
   joins an earlier group of loop kernels of the same loop size (the most elements it reads or writes)
@@ -16,16 +18,37 @@ recorded traces. The model follows ``Scheduler.fuse_nodes`` (torch 2.11):
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from fxmem.memory import storage_bytes
-from fxmem.simulate import is_extern_kernel
+from fxmem import _compat
+from fxmem.capture import op_kind
+from fxmem.memory import returns_view, storage_bytes
 
 HORIZONTAL_WINDOW = 64  # Inductor's are_long_distant_nodes
 MAX_FUSION_SIZE = 64  # torch._inductor.config.max_fusion_size
+
+
+def node_kind(node: fx.Node) -> str:
+    """The op's kind (``fxmem.capture.op_kind``), as capture recorded it where it did."""
+    facts = node.meta.get("fxmem")
+    kind = getattr(facts, "kind", None)
+    return kind if kind is not None else op_kind(node, returns_view(node.target))
+
+
+def is_extern_kernel(node: fx.Node) -> bool:
+    """Whether Inductor runs a call node as a matmul, an extern or a fallback kernel, not a loop."""
+    if node.target is operator.getitem:
+        return False
+    return node_kind(node) == "matmul" or _compat.inductor_reads_realized_inputs(node.target)
+
+
+def graph_order(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
+    """The graph's own order: the walk without the fusion model (``fxmem.bench.replay`` compares them)."""
+    return list(gm.graph.nodes)
 
 
 @dataclass
