@@ -10,7 +10,7 @@
 #                                    # 4 minutes): every fitting plan's measured peak under its budget,
 #                                    # predicted against measured peak (python -m fxmem.bench.sweep);
 #                                    # meanwhile the default plans of GPT-2 small, ResNet-18 and ViT
-#                                    # small, and ViT small's at 0.4, run once; all write allocation
+#                                    # small, and ViT small's under 1100 MiB, run once; all write allocation
 #                                    # traces to $OUT/traces
 #                                    # (fxmem.bench.trace), replayed last against the simulator's
 #                                    # variants (python -m fxmem.bench.replay)
@@ -97,24 +97,25 @@ if [ "$MODE" != cpu ] && [ "${COMPAT:-1}" != 0 ] && $PY -m pytest --version >/de
 fi
 
 # 2. (--sweep) The absolute-budget sweep; beside it, the default plans of GPT-2 small, ResNet-18 and ViT
-# small and ViT small's at 0.4, one step each, all traced; then the traces replayed against the
-# simulator's variants.
+# small and ViT small's under an absolute budget below its default's peak, one step each, all traced;
+# then the traces replayed against the simulator's variants.
 traced_step() {  # NAME SPEC SECONDS [OPTIONS_JSON]: one step of fxmem, traced
     local options=${4:-"{}"}
     timeout "$3" $PY -m fxmem.bench.runner --spec "$2" --label "$1 fxmem" \
         --config "{\"system\": \"fxmem\", \"options\": $options}" \
         --device "$DEVICE" --dtype "$DTYPE" --steps 2 --warmup 1 --trace "$OUT/traces" \
         >"$OUT/$1.json" 2>"$OUT/$1.log"
-    echo "   $1: status $?; $(cut -c1-300 "$OUT/$1.json")"
+    echo "   $1: status $?; $(cut -c1-420 "$OUT/$1.json")"
 }
 if [ "$MODE" = sweep ]; then
     echo "== sweep: models/gpt.py:small ($DEVICE, $DTYPE), 5 absolute budgets; beside it the default plans of"
-    echo "   GPT-2 small, ResNet-18 and ViT small, and ViT small at memory_budget 0.4"
+    echo "   GPT-2 small, ResNet-18 and ViT small, and ViT small at memory_budget 1100MiB"
     {
         traced_step gpt2_small models/gpt.py:gpt2_small 240
         traced_step resnet18 models/resnet.py:resnet18 150
         traced_step vit_small models/vit.py:vit_small 150
-        traced_step vit_small_0.4 models/vit.py:vit_small 150 '{"memory_budget": 0.4}'
+        traced_step vit_small_1100MiB models/vit.py:vit_small 150 \
+            '{"memory_budget": "1100MiB", "on_infeasible": "best_effort"}'
     } >"$OUT/beside.txt" 2>&1 &
     beside=$!
     timeout 420 $PY -m fxmem.bench.sweep models/gpt.py:small --device "$DEVICE" --dtype "$DTYPE" --points 5 \
