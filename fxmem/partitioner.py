@@ -17,7 +17,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -321,16 +321,37 @@ def _fit_peak(
     (recomputing more makes larger transients). Try the plans of ``_PEAK_LADDER``, holding ever fewer
     bytes in an order no budget changes, and take the first whose peak fits: the least added time among
     them, and a smaller budget can only move the choice later in the order, to a plan whose peak is no
-    larger. None fits: the lowest peak."""
-    best = attempt = _attempt(_copy(gm), num_fwd_outputs, static, config, reference, report, _PEAK_LADDER[0])
-    scale = reference or attempt.plan.saved_bytes
-    for fraction in _PEAK_LADDER[1:]:
+    larger. None fits: the lowest peak. The plan fxmem makes with no budget (lossless, little added time)
+    takes its place in that order by the bytes it holds: its peak can be lower than that of a plan which
+    holds as much by recomputing other nodes (ViT small on an H200: 1261 MiB predicted against 1370)."""
+    first = _attempt(_copy(gm), num_fwd_outputs, static, config, reference, report, _PEAK_LADDER[0])
+    if first.timeline.peak_bytes <= budget:
+        return first
+    unbudgeted = _attempt(_copy(gm), num_fwd_outputs, static, replace(config, memory_budget=None), reference, report)
+    scale = reference or first.plan.saved_bytes
+    best = first
+    for attempt in _ladder(gm, num_fwd_outputs, static, config, reference, report, scale, unbudgeted):
         if attempt.timeline.peak_bytes <= budget:
             return attempt
-        attempt = _attempt(_copy(gm), num_fwd_outputs, static, config, reference, report, fraction * scale)
         if attempt.timeline.peak_bytes < best.timeline.peak_bytes:
             best = attempt
-    return best  # the last plan, when it fits: every earlier peak was above the budget
+    return best
+
+
+def _ladder(
+    gm: fx.GraphModule, num_fwd_outputs: int, static: list[int], config: FxmemConfig, reference: int | None,
+    report: GraphReport, scale: float, unbudgeted: _Attempt,
+) -> Iterator[_Attempt]:  # fmt: skip
+    """The plans after the first rung, each planned only when asked for, with ``unbudgeted`` before the
+    first rung that may hold fewer bytes than it does."""
+    pending: _Attempt | None = unbudgeted
+    for fraction in _PEAK_LADDER[1:]:
+        if pending is not None and fraction * scale < pending.plan.saved_bytes:
+            yield pending
+            pending = None
+        yield _attempt(_copy(gm), num_fwd_outputs, static, config, reference, report, fraction * scale)
+    if pending is not None:
+        yield pending
 
 
 def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> None:

@@ -206,6 +206,17 @@ def test_absolute_budgets_bound_the_peak_monotonically(caplog):
     assert peaks[-1] < peaks[0]
 
 
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_an_absolute_budget_at_the_unbudgeted_plans_peak_is_met(codegen):
+    """An absolute budget also tries the plan fxmem makes with no budget. On vit tiny that plan peaks
+    lower than the plans of the budget ladder that hold about as much, which alone met no budget at its
+    peak (InfeasibleBudget)."""
+    model, inputs = build("vit")
+    unbudgeted = fxmem.inspect(model, *inputs, codegen=codegen).predicted_peak_bytes
+    report = fxmem.inspect(model, *inputs, codegen=codegen, memory_budget=unbudgeted)  # strict: raises if unmet
+    assert report.predicted_peak_bytes <= unbudgeted
+
+
 # --- ways of passing options -----------------------------------------------------------------------------
 
 
