@@ -105,8 +105,9 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
 
 
 def _loop_size(node: fx.Node) -> int:
+    """The most elements the node reads or writes, at the traced sizes (no guard on a dynamic one)."""
     vals = [node.meta.get("val"), *(a.meta.get("val") for a in node.all_input_nodes)]
-    return max((int(v.numel()) for v in vals if isinstance(v, torch.Tensor)), default=0)
+    return max((_compat.hint(v.numel()) for v in vals if isinstance(v, torch.Tensor)), default=0)
 
 
 def _creates_cycle(needs: int, group: _Group, kernels: list[fx.Node], ancestors: dict[fx.Node, int]) -> bool:
