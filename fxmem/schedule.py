@@ -75,12 +75,13 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
             if r in index:
                 ancestors[kernel] |= (1 << index[r]) | ancestors[r]
     groups: list[_Group] = []
+    by_size: dict[int, list[_Group]] = {}  # the loop kernels' groups, by loop size: only those can join
     for kernel in kernels:
         size = None if is_extern_kernel(kernel) else _loop_size(kernel)
         touched = reads[kernel] | {kernel}
         best: tuple[int, int, _Group] | None = None
-        for group in groups if size is not None else ():
-            if group.size != size or len(group.members) >= MAX_FUSION_SIZE:
+        for group in by_size.get(size, ()) if size is not None else ():
+            if len(group.members) >= MAX_FUSION_SIZE:
                 continue
             shared = touched & group.buffers
             vertical = any(r in index and group.mask >> index[r] & 1 for r in reads[kernel])
@@ -93,6 +94,8 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
                 best = (*score, group)
         if best is None:
             groups.append(_Group(index[kernel], size))
+            if size is not None:
+                by_size.setdefault(size, []).append(groups[-1])
         group = best[2] if best is not None else groups[-1]
         group.members.append(kernel)
         group.mask |= 1 << index[kernel]
