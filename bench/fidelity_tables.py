@@ -35,8 +35,7 @@ def print_training_table(rows: list[dict], setup: dict[str, dict[str, Any]]) -> 
         f"{'task':4} {'config':8} {'train loss':>10} {'Δ%':>7} {'(range)':>15} {'val loss':>9} {'Δ%':>7} "
         f"{'val acc':>7} {'saved/default':>13} {'target':>7} {'formats (tensors)':26} {'wall s':>6} {'ms/step':>7}"
     )
-    print(head)
-    print("-" * len(head))
+    _print_head(head)
     for r in rows:
         target = r.get("target_pct")
         met = r.get("target_met")
@@ -52,6 +51,11 @@ def print_training_table(rows: list[dict], setup: dict[str, dict[str, Any]]) -> 
         )
 
 
+def _print_head(head: str) -> None:
+    print(head)
+    print("-" * len(head))
+
+
 def _fraction_text(row: dict) -> str:
     """A row's saved/default fraction, starred when its budget was not met."""
     frac = row.get("saved_fraction")
@@ -64,8 +68,7 @@ def print_grad_table(rows: list[dict]) -> None:
         f"{'model':12} {'config':8} {'rel L2 err':>10} {'cosine':>9} {'saved/default':>13} "
         f"{'formats (tensors)':30} worst parameter (rel err)"
     )
-    print(head)
-    print("-" * len(head))
+    _print_head(head)
     for r in rows:
         frac_text = _fraction_text(r)
         print(
