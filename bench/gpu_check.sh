@@ -13,7 +13,8 @@
 #                                    # small, and ViT small's under 1100 MiB, run once; all write allocation
 #                                    # traces to $OUT/traces
 #                                    # (fxmem.bench.trace), replayed last against the simulator's
-#                                    # variants (python -m fxmem.bench.replay)
+#                                    # variants (python -m fxmem.bench.replay), and kernel by kernel
+#                                    # (--kernels, to $OUT/kernels.txt)
 #
 # Environment: OUT (results folder), PYTHON (default python3), RESNET (resnet18 | resnet50 | tiny ...),
 # JOBS (configurations compiling at once, default 3 on GPU), GPT_BUDGET_S / RESNET_BUDGET_S (seconds),
@@ -126,6 +127,8 @@ if [ "$MODE" = sweep ]; then
     cat "$OUT/beside.txt"
     timeout 120 $PY -m fxmem.bench.replay "$OUT/traces" >"$OUT/replay.txt" 2>"$OUT/replay.log"
     echo "   replay: status $? after $(($(date +%s) - START)) s"
+    timeout 60 $PY -m fxmem.bench.replay --kernels "$OUT/traces" >"$OUT/kernels.txt" 2>>"$OUT/replay.log"
+    echo "   kernel by kernel: status $?; $OUT/kernels.txt"
     echo
     cat "$OUT/sweep.txt"
     echo

@@ -446,3 +446,86 @@ def test_replay_sets_each_fused_model_against_a_traced_peak(
     (line,) = [line for line in out.splitlines() if line.startswith("gpt_tiny")]
     assert " 1.0 " in line and line.count("%") == len(replay.VARIANTS)
     assert "two" in out and "skipped: 2 graphs" in out
+
+
+def test_generated_kernels_are_read_from_the_call_with_the_nodes_each_names() -> None:
+    """A kernel's comment names its nodes; its launch is the first line after it that neither allocates
+    nor picks a stream, whatever launches it (Triton, an extern or a CPU kernel). The definitions above
+    ``call`` carry the same comments and are not kernels launched."""
+    from fxmem.bench.kernels import generated_kernels
+
+    source = textwrap.dedent(
+        """\
+        # Topologically Sorted Source Nodes: [defined_only]
+        triton_poi_0 = async_compile.triton('triton_poi_0', '''...''')
+        def call(args):
+            # Topologically Sorted Source Nodes: [add, user_x], Original ATen: [aten.add]
+            buf0 = empty_strided_cuda((4, ), (1, ), torch.float32)
+            stream0 = get_raw_stream(0)
+            triton_poi_0.run(arg0, buf0, 4, stream=stream0)
+            # Topologically Sorted Source Nodes: [mm]
+            buf1 = empty_strided_cpu((4, 4), (4, 1), torch.float32)
+            extern_kernels.mm(buf0, buf0, out=buf1)
+            # Topologically Sorted Source Nodes: [relu]
+
+            cpp_fused_relu_1(buf1)
+            return (buf1, )
+        """
+    )
+    assert generated_kernels(source) == [(7, ("add", "user_x")), (10, ("mm",)), (13, ("relu",))]
+
+
+def test_kernel_table_sets_each_kernels_allocations_against_the_walk_at_its_nodes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A kernel's measured bytes are the most the allocator held while allocating for it; its prediction,
+    the highest point the simulator gives the graph nodes it names (none when it names none)."""
+    import torch
+
+    from fxmem.bench import replay
+    from fxmem.bench.kernels import kernel_table
+    from fxmem.bench.trace import recorded_simulations, trace_path, write_trace
+    from fxmem.compiler import FxmemCompiler
+    from tests.helpers import build, run_step
+
+    model, inputs = build("mlp")
+    compiler = FxmemCompiler(memory_budget=0.4, codegen="eager")
+    simulations: list = []
+    with recorded_simulations(simulations):
+        run_step(torch.compile(model, backend=compiler), inputs)
+    points = [(name, live) for phase, name, live in compiler.reports[0].timeline.points if phase == "backward"]
+    (first, first_live), (second, second_live) = points[1], points[2]
+    path = trace_path(str(tmp_path), "mlp tiny")
+    write_trace(path, {"label": "mlp tiny", "options": {}}, compiler.reports, [], 1000, 2**20, simulations)
+    trace = json.loads(path.read_text())
+    source = "\n".join([
+        "# AOT ID: ['0_backward']", "def call(args):",
+        f"    # Topologically Sorted Source Nodes: [{first}, not_a_node]",
+        "    buf0 = empty_strided_cuda((128, ), (1, ), torch.float32)",  # line 4
+        "    triton_poi_0.run(buf0)",
+        f"    # Topologically Sorted Source Nodes: [{second}]",
+        "    buf1 = empty_strided_cuda((64, ), (1, ), torch.float32)",  # line 7
+        "    extern_kernels.mm(buf0, buf0, out=buf1)",
+        "    # Topologically Sorted Source Nodes: [not_a_node]",
+        "    triton_poi_2.run(buf1)",
+    ])  # fmt: skip
+    trace["sources"] = {"generated.py": source}
+    trace["events"] = [
+        ["alloc", 1, 512, "generated.py", 4], ["free_requested", 1, 512, "", 0],
+        ["alloc", 2, 256, "generated.py", 7], ["alloc", 3, 64, "", 0],
+    ]  # fmt: skip
+    rows = kernel_table(trace)
+    assert [(r.phase, r.index, r.nodes) for r in rows] == [
+        ("backward", 0, (first, "not_a_node")), ("backward", 1, (second,)), ("backward", 2, ("not_a_node",)),
+    ]  # fmt: skip
+    assert [r.measured for r in rows] == [1512, 1256, None]
+    assert [r.predicted for r in rows] == [first_live, second_live, None]
+    path.write_text(json.dumps(trace))
+    assert replay.main(["--kernels", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1 + 1 + 2 + 1  # the trace, the header, the kernels that allocated, the sum
+    assert out.splitlines()[-1] == "2 of 3 kernels name a graph node; 2 allocated"
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({**trace, "graphs": trace["graphs"] * 2}))
+    assert replay.main(["--kernels", str(two)]) == 0
+    assert "skipped: a kernel table needs a trace of one graph, not 2" in capsys.readouterr().out

@@ -6,8 +6,9 @@ Stages, one module each: ``matrix`` (which configurations), ``launch`` (a fresh 
 configuration), ``runner`` (one configuration, in that process; ``systems`` sets each system up and
 ``measure`` counts saved bytes), ``results`` (table and JSON), ``plot`` (the Pareto plot), ``targets``
 (the checks against fxmem's targets), ``cli`` (the command). Beside them: ``sweep`` (absolute budgets
-against measured peaks), ``trace`` (allocation traces of a CUDA step) and ``replay`` (traces against the
-simulator's fused model and its variants).
+against measured peaks), ``trace`` (allocation traces of a CUDA step), ``replay`` (traces against the
+simulator's fused model and its variants) and ``kernels`` (a trace against the prediction, kernel by
+kernel).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ tensors and simulated again: in the graph's order with no allowance and with 7/6
 fxmem planned before 2026-11-28), in the order of the model of Inductor's scheduler fusion
 (``fxmem.schedule``) with no allowance, and as fxmem plans (that model, with the allowance that
 ``fxmem.simulate`` uses). Each prediction is set against the peak the step allocated; the table shows
-the error in %.
+the error in %. With ``--kernels``, it shows where: each generated kernel's measured bytes beside the
+prediction there (``fxmem.bench.kernels``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def _percent(predicted: int, measured: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fxmem.bench.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="trace files (JSON), or folders of them")
+    parser.add_argument("--kernels", action="store_true", help="per generated kernel, measured against predicted")
+    parser.add_argument("--top", type=int, default=15, help="with --kernels: the kernels that held most (default 15)")
     args = parser.parse_args(argv)
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     files = [f for p in map(Path, args.paths) for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     if not files:
         parser.error("no trace files (*.json) in " + ", ".join(args.paths))
+    if args.kernels:
+        return _print_kernels(files, args.top)
     names = [name for name, *_ in VARIANTS]
     print(f"{'trace':40s} {'measured MiB':>12s} " + " ".join(f"{n:>18s}" for n in names))
     for file in files:
@@ -79,6 +84,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         errors = " ".join(f"{_percent(row['predicted'][n], row['measured']):>18s}" for n in names)
         print(head + f"{row['measured'] / 2**20:12.1f} " + errors)
+    return 0
+
+
+def _print_kernels(files: list[Path], top: int) -> int:
+    from fxmem.bench.kernels import format_kernel_table, kernel_table
+
+    for file in files:
+        print(f"== {file.stem}")
+        try:
+            print(format_kernel_table(kernel_table(json.loads(file.read_text())), top))
+        except ValueError as err:
+            print(f"skipped: {err}")
     return 0
 
 
