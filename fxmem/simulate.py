@@ -6,8 +6,8 @@ into the backward; gradients stay live to the end; parameters and buffers are a 
 With ``fused=True`` it follows Inductor: only the nodes Inductor writes to memory hold any (most
 pointwise and view nodes are computed inside the kernels that read them), kernels run in the order of a
 model of Inductor's scheduler fusion (``fxmem.schedule``), an input an inlined node reads stays live
-until the last kernel that computes it, and the graph's memory gets an allowance for what that model
-misses.
+until the last kernel that computes it, the graph's memory gets an allowance for what that model
+misses, and a dead buffer waits for the next allocation of its size as in Inductor's buffer pool.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -159,8 +160,10 @@ def _walk(
     timeline: Timeline,
     schedule: Schedule = fused_schedule,
     allowance: tuple[int, int] = _FUSED_ALLOWANCE,
+    buffer_pool: bool = False,
 ) -> None:
-    """Run ``gm`` through ``memory``: inputs are held on entry; nodes named in ``keep`` outlive it."""
+    """Run ``gm`` through ``memory``: inputs are held on entry; nodes named in ``keep`` outlive it.
+    ``buffer_pool`` (fused, sizes known): follow Inductor's reuse of dead buffers (``_hold_for_reuse``)."""
     stored = _stored_nodes(gm) if fused else set(gm.graph.nodes)
     nodes = schedule(gm, stored) if fused else list(gm.graph.nodes)
     # An inlined node is computed by each kernel it is inlined into: its inputs are read that late.
@@ -177,6 +180,17 @@ def _walk(
         dying.setdefault(i, []).append(arg)
     held: dict[fx.Node, Any] = {}
     keys: dict[fx.Node, Any] = {}
+    points: list[tuple[str, Any]] = []  # (node name, live bytes of the graph) at each position
+    pool_keys: dict[Any, tuple[Any, int]] = {}  # each storage's (dtype, bytes), as Inductor's pool keys it
+    allocations: list[tuple[int, tuple[Any, int]]] = []  # (position, pool key): storages the graph allocates
+    deaths: list[tuple[int, tuple[Any, int]]] = []  # and those whose last holder lets go
+
+    def release(node: fx.Node, position: int) -> None:
+        key = held.pop(node)
+        memory.release(key)
+        if buffer_pool and key not in memory.sizes:
+            deaths.append((position, pool_keys[key]))
+
     for i, node in enumerate(nodes):
         if node.op == "output":
             break
@@ -184,6 +198,10 @@ def _walk(
         key = keys[node] = _aliased_key(node, keys) or storage_key(val)
         if key is not None and key not in static_keys:
             if node in stored or key in memory.sizes:
+                if buffer_pool and key not in memory.sizes:
+                    pool_keys[key] = (val.dtype, storage_bytes(val))
+                    if node.op != "placeholder":
+                        allocations.append((i, pool_keys[key]))
                 memory.hold(key, storage_bytes(val))
                 held[node] = key
         # Inputs are all live on entry: one point once the first op runs. Unfused, an op's result is
@@ -191,17 +209,47 @@ def _walk(
         # Fused, so is an out-of-place kernel's; a loop kernel's is taken once they are freed, since
         # Inductor writes its result into such an input's buffer where it can.
         allocated = memory.live
-        if node.op != "placeholder" and not fused:
-            timeline.points.append((phase, node.name, allocated + timeline.static_bytes))
         for arg in dying.get(i, ()):
             if arg in held and arg.name not in keep:
-                memory.release(held.pop(arg))
+                release(arg, i)
         if node not in last_use and node in held and node.name not in keep:
-            memory.release(held.pop(node))
-        if node.op != "placeholder" and fused:
-            live = allocated if node in stored and _writes_out_of_place(node) else memory.live
-            allowed = live * allowance[0] // allowance[1]
-            timeline.points.append((phase, node.name, allowed + timeline.static_bytes))
+            release(node, i)
+        if not fused or (node in stored and _writes_out_of_place(node)):
+            points.append((node.name, allocated))
+        else:
+            points.append((node.name, memory.live))
+    live = [b for _, b in points]
+    if buffer_pool:
+        live = _hold_for_reuse(live, allocations, deaths)
+    timeline.points.extend(
+        (phase, name, (b * allowance[0] // allowance[1] if fused else b) + timeline.static_bytes)
+        for (name, _), b, node in zip(points, live, nodes, strict=False)
+        if node.op != "placeholder"
+    )
+
+
+def _hold_for_reuse(
+    live: list[int], allocations: list[tuple[int, tuple[Any, int]]], deaths: list[tuple[int, tuple[Any, int]]]
+) -> list[int]:
+    """``live`` with Inductor's buffer pool (``PythonWrapperCodegen.memory_plan_reuse``). Generated code
+    does not free a dead buffer that a later allocation of the same dtype and size takes: it stays
+    allocated until then. Inductor takes the buffer freed last, and only where holding it keeps its own
+    estimate of the graph's peak (``AllocateLine.should_reuse_buffer``), here the walk's: the peak never
+    moves, the memory before it does. Allocations at a position come before the frees there."""
+    held = np.array(live, dtype=np.int64)
+    peak = int(held.max(initial=0))
+    pool: dict[tuple[Any, int], list[int]] = {}
+    events = sorted([(i, 0, key) for i, key in allocations] + [(i, 1, key) for i, key in deaths], key=lambda e: e[:2])
+    for position, is_death, key in events:
+        freed = pool.setdefault(key, [])
+        if is_death:
+            freed.append(position)
+        elif freed:
+            between = held[freed[-1] + 1 : position]
+            if between.size == 0 or int(between.max()) + key[1] <= peak:
+                between += key[1]
+                freed.pop()
+    return [int(b) for b in held]
 
 
 def simulate(
@@ -223,7 +271,10 @@ def simulate(
     static_keys = {storage_key(v) for v in static_list}
     params = sum(storage_bytes(v) for v in {storage_key(v): v for v in static_list}.values())
     timeline = Timeline(static_bytes=params + outside_bytes)
-    walk_step(fw, bw, static_keys, fused, timeline, lambda: _Memory(0), schedule=schedule, allowance=allowance)
+    walk_step(
+        fw, bw, static_keys, fused, timeline, lambda: _Memory(0),
+        schedule=schedule, allowance=allowance, buffer_pool=fused,
+    )  # fmt: skip
     return timeline
 
 
@@ -237,11 +288,13 @@ def walk_step(
     *,
     schedule: Schedule = fused_schedule,
     allowance: tuple[int, int] = _FUSED_ALLOWANCE,
+    buffer_pool: bool = False,
 ) -> None:
     """Walk the forward, then the backward, each through a ledger from ``new_memory``. What the forward
     saves enters the backward as its inputs. The forward's own inputs that are not static (the batch)
     stay live the whole step: their caller holds them. Fused, a saved parameter that Inductor copies to
-    channels-last holds its copy from the forward to its last reader in the backward."""
+    channels-last holds its copy from the forward to its last reader in the backward. ``buffer_pool``
+    needs sizes as numbers (``_hold_for_reuse``)."""
     (fw_out,) = fw.graph.find_nodes(op="output")
     fw_results = {n.name for n in fw_out.args[0] if isinstance(n, fx.Node)}
     inputs = [
@@ -252,10 +305,10 @@ def walk_step(
         copies = {n for n in channels_last_copies(fw) if n.name in fw_results}
         static_keys = static_keys - {storage_key(n.meta["val"]) for n in copies}
     kept = fw_results | {p.name for p in inputs}
-    _walk(fw, new_memory(), "forward", kept, static_keys, fused, timeline, schedule, allowance)
+    _walk(fw, new_memory(), "forward", kept, static_keys, fused, timeline, schedule, allowance, buffer_pool)
     memory = new_memory()
     for placeholder in inputs:
         memory.hold(storage_key(placeholder.meta["val"]), storage_bytes(placeholder.meta["val"]))
     (bw_out,) = bw.graph.find_nodes(op="output")
     grads = {n.name for n in bw_out.args[0] if isinstance(n, fx.Node)}
-    _walk(bw, memory, "backward", grads, static_keys, fused, timeline, schedule, allowance)
+    _walk(bw, memory, "backward", grads, static_keys, fused, timeline, schedule, allowance, buffer_pool)

@@ -225,3 +225,60 @@ def test_modelled_fusion_moves_a_consumer_up_to_its_producer_with_what_it_needs(
     _walk(gm, _Memory(0), "forward", set(), set(), True, timeline)
     walked = [n.name for n in fused_schedule(gm, stored) if n.op not in ("placeholder", "output")]
     assert [name for _, name, _ in timeline.points] == walked != names[3:-1]
+
+
+def test_a_dead_buffer_is_held_for_the_next_allocation_of_its_size_while_the_peak_allows():
+    """Inductor's buffer pool: a buffer that dies is kept until a later allocation of the same dtype and
+    size takes it, the one freed last first, unless holding it would raise the graph's peak: then it is
+    freed, and the allocation is a new one."""
+    from fxmem.simulate import _hold_for_reuse
+
+    f32, f16 = torch.float32, torch.float16
+    # A (10 B) dies at 1; 4 allocates one of A's kind: A is held over 2 and 3, under the peak (20).
+    assert _hold_for_reuse([10, 0, 5, 5, 20], [(0, (f32, 10)), (4, (f32, 10))], [(1, (f32, 10))]) == [
+        10, 0, 15, 15, 20,
+    ]  # fmt: skip
+    # Another dtype or size, or nothing allocated later: nothing held.
+    assert _hold_for_reuse([10, 0, 5, 5, 20], [(4, (f16, 10)), (4, (f32, 8))], [(1, (f32, 10))]) == [
+        10, 0, 5, 5, 20,
+    ]  # fmt: skip
+    assert _hold_for_reuse([10, 0, 5], [], [(1, (f32, 10))]) == [10, 0, 5]
+    # Holding A over 2 would make 12 + 10 > 20: it is freed; C, which dies at 5, is held for 8.
+    live = [20, 0, 12, 0, 3, 0, 3, 0, 10]
+    deaths = [(1, (f32, 10)), (5, (f32, 10))]
+    assert _hold_for_reuse(live, [(4, (f32, 10))], deaths) == live
+    assert _hold_for_reuse(live, [(4, (f32, 10)), (8, (f32, 10))], deaths) == [20, 0, 12, 0, 3, 0, 13, 10, 10]
+    # The one freed last is taken first: B (dies at 2) is held over 3 for 4, then A (dies at 1) over 2
+    # to 5 for 6.
+    two, live = [(1, (f32, 4)), (2, (f32, 4))], [8, 4, 0, 0, 0, 0, 8]
+    assert _hold_for_reuse(live, [(4, (f32, 4)), (6, (f32, 4))], two) == [8, 4, 4, 8, 4, 4, 8]
+    # An allocation where a buffer dies comes before that death: at 2 it takes A, B goes to 4.
+    assert _hold_for_reuse(live, [(2, (f32, 4)), (4, (f32, 4)), (6, (f32, 4))], two) == [8, 4, 0, 4, 0, 0, 8]
+
+
+def test_the_buffer_pool_raises_the_timeline_before_the_peak_not_the_peak(monkeypatch: pytest.MonkeyPatch):
+    """On a real plan the pool only adds to the fused walk's points, and never to its peak: planning
+    does not change, the timeline (``fxmem.inspect``) holds what Inductor's code holds."""
+    from fxmem import partitioner
+    from fxmem.compiler import FxmemCompiler
+    from fxmem.memory import storage_key
+    from fxmem.simulate import simulate, walk_step
+    from tests.helpers import build, run_step
+
+    planned = []
+
+    def keep(fw, bw, num_fwd_outputs, static, **kwargs):
+        planned.append((fw, bw, num_fwd_outputs, list(static), kwargs["outside_bytes"]))
+        return simulate(fw, bw, num_fwd_outputs, planned[-1][3], **kwargs)
+
+    monkeypatch.setattr(partitioner, "simulate", keep)
+    model, inputs = build("gpt")
+    run_step(torch.compile(model, backend=FxmemCompiler(memory_budget=0.4, codegen="eager")), inputs)
+    fw, bw, num_fwd_outputs, static, outside = planned[-1]
+    pooled = simulate(fw, bw, num_fwd_outputs, static, fused=True, outside_bytes=outside)
+    plain = Timeline(static_bytes=pooled.static_bytes)
+    static_keys = {storage_key(v) for v in static if isinstance(v, torch.Tensor)}
+    walk_step(fw, bw, static_keys, True, plain, lambda: _Memory(0))
+    assert [p[:2] for p in pooled.points] == [p[:2] for p in plain.points]
+    raised = [a[2] - b[2] for a, b in zip(pooled.points, plain.points, strict=True)]
+    assert min(raised) == 0 < max(raised) and pooled.peak_bytes == plain.peak_bytes
