@@ -7,9 +7,10 @@ order this model gives. ``python -m fxmem.bench.replay`` sets it against recorde
 follows ``Scheduler.fuse_nodes`` (torch 2.11):
 
 * kernels are the nodes Inductor writes to memory. A loop kernel (not a matmul, extern or fallback op)
-  joins an earlier group of loop kernels of the same loop size (the most elements it reads or writes)
-  when it reads a buffer the group writes (vertical fusion), or when both read a buffer and it is within
-  64 kernels of the group's first (horizontal fusion; ``are_long_distant_nodes``);
+  joins an earlier group of loop kernels whose loop it fits (Triton's ``can_fuse``: reductions over the
+  same elements, a pointwise kernel over a reduction's input or output, pointwise kernels of the same
+  size) when it reads a buffer the group writes (vertical fusion), or when both read a buffer and it is
+  within 64 kernels of the group's first (horizontal fusion; ``are_long_distant_nodes``);
 * it does not join when a kernel it needs, after the group's first, needs the group (a cycle), nor past
   64 kernels in a group; of several groups it joins the one it shares the most bytes with;
 * groups run in the order of their first kernel, each kernel's dependencies right before it
@@ -54,7 +55,7 @@ def graph_order(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
 @dataclass
 class _Group:
     first: int  # index of its first kernel
-    size: int | None  # loop size; None for an extern kernel, which fuses with nothing
+    loop: tuple[int, int] | None  # (numel, rnumel) of its loop (``_loop``); None for an extern kernel
     members: list[fx.Node] = field(default_factory=list)
     mask: int = 0  # its kernels, one bit each
     buffers: set[fx.Node] = field(default_factory=set)  # what its kernels read and write
@@ -75,13 +76,13 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
             if r in index:
                 ancestors[kernel] |= (1 << index[r]) | ancestors[r]
     groups: list[_Group] = []
-    by_size: dict[int, list[_Group]] = {}  # the loop kernels' groups, by loop size: only those can join
+    by_numel: dict[int, list[_Group]] = {}  # loop kernels' groups by the sizes a kernel that fits has
     for kernel in kernels:
-        size = None if is_extern_kernel(kernel) else _loop_size(kernel)
+        loop = None if is_extern_kernel(kernel) else _loop(kernel)
         touched = reads[kernel] | {kernel}
         best: tuple[int, int, _Group] | None = None
-        for group in by_size.get(size, ()) if size is not None else ():
-            if len(group.members) >= MAX_FUSION_SIZE:
+        for group in _candidates(by_numel, loop):
+            if len(group.members) >= MAX_FUSION_SIZE or not _fits(group.loop, loop):
                 continue
             shared = touched & group.buffers
             vertical = any(r in index and group.mask >> index[r] & 1 for r in reads[kernel])
@@ -92,11 +93,14 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
             score = (sum(storage_bytes(b.meta.get("val")) for b in shared), group.first)
             if best is None or score > best[:2]:
                 best = (*score, group)
+        group = best[2] if best is not None else _Group(index[kernel], loop)
         if best is None:
-            groups.append(_Group(index[kernel], size))
-            if size is not None:
-                by_size.setdefault(size, []).append(groups[-1])
-        group = best[2] if best is not None else groups[-1]
+            groups.append(group)
+        if loop is not None and loop[1] > 1 and group.loop[1] == 1:
+            group.loop = loop  # a reduction sets the loop of the kernel it joins
+        for numel in _numels(group.loop):
+            if group not in by_numel.setdefault(numel, []):
+                by_numel[numel].append(group)
         group.members.append(kernel)
         group.mask |= 1 << index[kernel]
         group.buffers |= touched
@@ -107,10 +111,53 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
     return order
 
 
-def _loop_size(node: fx.Node) -> int:
-    """The most elements the node reads or writes, at the traced sizes (no guard on a dynamic one)."""
-    vals = [node.meta.get("val"), *(a.meta.get("val") for a in node.all_input_nodes)]
-    return max((_compat.hint(v.numel()) for v in vals if isinstance(v, torch.Tensor)), default=0)
+def _loop(node: fx.Node) -> tuple[int, int]:
+    """(numel, rnumel) at the traced sizes (no guard on a dynamic one): a reduction's output elements and
+    how many it reduces into each; a loop kernel's output elements and 1."""
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor):  # several results (var_mean): those its getitems take
+        taken = [u.meta.get("val") for u in node.users if u.target is operator.getitem]
+        out = next((v for v in taken if isinstance(v, torch.Tensor)), None)
+    numel = _compat.hint(out.numel()) if isinstance(out, torch.Tensor) else 1
+    if node_kind(node) == "reduction" and numel:
+        inputs = [a.meta.get("val") for a in node.all_input_nodes]
+        largest = max((_compat.hint(v.numel()) for v in inputs if isinstance(v, torch.Tensor)), default=0)
+        if largest > numel:
+            return numel, largest // numel
+    return numel, 1
+
+
+def _numels(loop: tuple[int, int] | None) -> tuple[int, ...]:
+    """The sizes of the pointwise kernels that fit ``loop``: the whole of a reduction's input, or its output."""
+    if loop is None:
+        return ()
+    numel, rnumel = loop
+    return (numel,) if rnumel == 1 else (numel * rnumel, numel)
+
+
+def _candidates(by_numel: dict[int, list[_Group]], loop: tuple[int, int] | None) -> list[_Group]:
+    """The groups a kernel of ``loop`` may fit, each once."""
+    found: dict[int, _Group] = {}
+    for numel in _numels(loop):
+        for group in by_numel.get(numel, ()):
+            found.setdefault(id(group), group)
+    return list(found.values())
+
+
+def _fits(group_loop: tuple[int, int] | None, loop: tuple[int, int] | None) -> bool:
+    """Whether a loop kernel can join a group (Triton's ``can_fuse``): reductions over the same elements
+    into the same outputs; a pointwise kernel over a reduction's whole input or over its outputs;
+    pointwise kernels of the same size."""
+    if group_loop is None or loop is None:
+        return False
+    (group_numel, group_rnumel), (numel, rnumel) = group_loop, loop
+    if group_rnumel > 1 and rnumel > 1:
+        return group_loop == loop
+    if group_rnumel > 1:
+        return numel in (group_numel * group_rnumel, group_numel)
+    if rnumel > 1:
+        return group_numel in (numel * rnumel, numel)
+    return group_numel == numel
 
 
 def _creates_cycle(needs: int, group: _Group, kernels: list[fx.Node], ancestors: dict[fx.Node, int]) -> bool:

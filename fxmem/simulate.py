@@ -54,10 +54,10 @@ class Timeline:
 _INLINED_KINDS = ("pointwise", "view", "getitem")
 _INDEXING_OPS = {"embedding", "gather", "index", "iota", "arange"}  # lowered to loads a loop body inlines
 # Inductor's scheduler then fuses kernels across the graph: the fused walk runs each graph in the order of
-# fxmem.schedule's model of it, and counts graph memory 11/10. On an H200 (torch 2.11) that model alone
-# was 0.3-4.8% under the measured peak on 26 traced steps (GPT small, GPT-2 small, ResNet-18, ViT small);
-# with 11/10 it was above every one, by 0.7-7.9%, so that an absolute budget holds there.
-_FUSED_ALLOWANCE = (11, 10)
+# fxmem.schedule's model of it, and counts graph memory 16/15. On twelve steps traced on an H200 (torch
+# 2.11; GPT small, GPT-2 small, ResNet-18, ViT small) that model alone was 0.3-4.1% under the measured
+# peak; with 16/15 it was above every one, by 0.5-5.2%, so that an absolute budget holds there.
+_FUSED_ALLOWANCE = (16, 15)
 # On the CPU, a reused result of these is stored (Inductor's StorageBox.should_realize_on_reuse).
 _CPU_HEAVY_OPS = {"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"}
 

@@ -227,6 +227,28 @@ def test_modelled_fusion_moves_a_consumer_up_to_its_producer_with_what_it_needs(
     assert [name for _, name, _ in timeline.points] == walked != names[3:-1]
 
 
+def test_modelled_fusion_follows_the_loops_triton_fuses():
+    """A kernel's loop is (numel, rnumel). Reductions fuse only over the same elements into the same
+    outputs, so a row sum and a column sum of one tensor stay apart; a pointwise kernel fuses with a
+    reduction over its whole input or over its outputs, and with a pointwise kernel of its size."""
+    from fxmem.schedule import _fits, _loop
+
+    def f(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mean, var = torch.var_mean(x, 1)
+        return x.sum(1), x.sum(0), x.exp(), mean, var
+
+    gm = make_fx(f)(torch.ones(64, 32, device="meta"))
+    loops = {n.name: _loop(n) for n in gm.graph.nodes if n.op == "call_function"}
+    assert loops["sum_1"] == loops["var_mean"] == (64, 32) and loops["sum_2"] == (32, 64)
+    assert loops["exp"] == (2048, 1)
+    rows, columns = (64, 32), (32, 64)
+    assert _fits(rows, rows) and not _fits(rows, columns)
+    assert _fits(rows, (2048, 1)) and _fits(rows, (64, 1)) and not _fits(rows, (32, 1))
+    assert _fits((2048, 1), rows) and _fits((64, 1), rows) and not _fits((32, 1), rows)
+    assert _fits((8, 1), (8, 1)) and not _fits((8, 1), (16, 1))
+    assert not _fits(None, (8, 1)) and not _fits((8, 1), None)
+
+
 def test_a_dead_buffer_is_held_for_the_next_allocation_of_its_size_while_the_peak_allows():
     """Inductor's buffer pool: a buffer that dies is kept until a later allocation of the same dtype and
     size takes it, the one freed last first, unless holding it would raise the graph's peak: then it is
