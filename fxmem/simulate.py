@@ -199,7 +199,7 @@ def _walk(
         if key is not None and key not in static_keys:
             if node in stored or key in memory.sizes:
                 if buffer_pool and key not in memory.sizes:
-                    pool_keys[key] = (val.dtype, storage_bytes(val))
+                    pool_keys[key] = (getattr(val, "dtype", None), storage_bytes(val))  # a view may return a list
                     if node.op != "placeholder":
                         allocations.append((i, pool_keys[key]))
                 memory.hold(key, storage_bytes(val))

@@ -304,3 +304,32 @@ def test_the_buffer_pool_raises_the_timeline_before_the_peak_not_the_peak(monkey
     assert [p[:2] for p in pooled.points] == [p[:2] for p in plain.points]
     raised = [a[2] - b[2] for a, b in zip(pooled.points, plain.points, strict=True)]
     assert min(raised) == 0 < max(raised) and pooled.peak_bytes == plain.peak_bytes
+
+
+def test_a_view_that_returns_a_list_is_walked_with_the_pool():
+    """Bicubic upsampling decomposes into ``unbind``, a view whose value is a list, which the fused walk
+    may hold: the plan is made, not dropped for PyTorch's partitioner."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fxmem.bench.measure import joint_graphs
+    from fxmem.config import FxmemConfig
+    from fxmem.partitioner import FxmemPartitioner
+
+    class Upsample(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            up = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+            return (self.conv(x).repeat(1, 1, 2, 2) + up).square().mean()
+
+    ((gm, joint_inputs, kwargs),) = joint_graphs(Upsample(), (torch.randn(1, 3, 8, 8),))
+    assert any(n.target is torch.ops.aten.unbind.int for n in gm.graph.nodes)
+    partitioner = FxmemPartitioner(FxmemConfig(memory_budget=0.4, codegen="inductor"))
+    reports: list = []
+    partitioner.on_report = reports.append
+    partitioner(copy.deepcopy(gm), joint_inputs, **kwargs)
+    assert [r.fallback_reason for r in reports] == [None]
