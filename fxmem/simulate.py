@@ -180,7 +180,7 @@ def _walk(
         dying.setdefault(i, []).append(arg)
     held: dict[fx.Node, Any] = {}
     keys: dict[fx.Node, Any] = {}
-    points: list[tuple[str, Any]] = []  # (node name, live bytes of the graph) at each position
+    live: list[Any] = []  # the graph's live bytes at each position (a node's point)
     pool_keys: dict[Any, tuple[Any, int]] = {}  # each storage's (dtype, bytes), as Inductor's pool keys it
     allocations: list[tuple[int, tuple[Any, int]]] = []  # (position, pool key): storages the graph allocates
     deaths: list[tuple[int, tuple[Any, int]]] = []  # and those whose last holder lets go
@@ -214,16 +214,12 @@ def _walk(
                 release(arg, i)
         if node not in last_use and node in held and node.name not in keep:
             release(node, i)
-        if not fused or (node in stored and _writes_out_of_place(node)):
-            points.append((node.name, allocated))
-        else:
-            points.append((node.name, memory.live))
-    live = [b for _, b in points]
+        live.append(allocated if not fused or (node in stored and _writes_out_of_place(node)) else memory.live)
     if buffer_pool:
         live = _hold_for_reuse(live, allocations, deaths)
     timeline.points.extend(
-        (phase, name, (b * allowance[0] // allowance[1] if fused else b) + timeline.static_bytes)
-        for (name, _), b, node in zip(points, live, nodes, strict=False)
+        (phase, node.name, (b * allowance[0] // allowance[1] if fused else b) + timeline.static_bytes)
+        for node, b in zip(nodes, live, strict=False)
         if node.op != "placeholder"
     )
 
