@@ -76,7 +76,7 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
             if r in index:
                 ancestors[kernel] |= (1 << index[r]) | ancestors[r]
     groups: list[_Group] = []
-    by_numel: dict[int, list[_Group]] = {}  # loop kernels' groups by the sizes a kernel that fits has
+    by_numel: dict[int, dict[int, _Group]] = {}  # loop kernels' groups (by id) by the sizes of what fits
     for kernel in kernels:
         loop = None if is_extern_kernel(kernel) else _loop(kernel)
         touched = reads[kernel] | {kernel}
@@ -99,8 +99,7 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
         if loop is not None and loop[1] > 1 and group.loop[1] == 1:
             group.loop = loop  # a reduction sets the loop of the kernel it joins
         for numel in _numels(group.loop):
-            if group not in by_numel.setdefault(numel, []):
-                by_numel[numel].append(group)
+            by_numel.setdefault(numel, {})[id(group)] = group
         group.members.append(kernel)
         group.mask |= 1 << index[kernel]
         group.buffers |= touched
@@ -135,12 +134,11 @@ def _numels(loop: tuple[int, int] | None) -> tuple[int, ...]:
     return (numel,) if rnumel == 1 else (numel * rnumel, numel)
 
 
-def _candidates(by_numel: dict[int, list[_Group]], loop: tuple[int, int] | None) -> list[_Group]:
+def _candidates(by_numel: dict[int, dict[int, _Group]], loop: tuple[int, int] | None) -> list[_Group]:
     """The groups a kernel of ``loop`` may fit, each once."""
     found: dict[int, _Group] = {}
     for numel in _numels(loop):
-        for group in by_numel.get(numel, ()):
-            found.setdefault(id(group), group)
+        found.update(by_numel.get(numel, {}))
     return list(found.values())
 
 
