@@ -278,28 +278,23 @@ def test_a_dead_buffer_is_held_for_the_next_allocation_of_its_size_while_the_pea
     assert _hold_for_reuse(live, [(2, (f32, 4)), (4, (f32, 4)), (6, (f32, 4))], two) == [8, 4, 0, 4, 0, 0, 8]
 
 
-def test_the_buffer_pool_raises_the_timeline_before_the_peak_not_the_peak(monkeypatch: pytest.MonkeyPatch):
+def test_the_buffer_pool_raises_the_timeline_before_the_peak_not_the_peak():
     """On a real plan the pool only adds to the fused walk's points, and never to its peak: planning
     does not change, the timeline (``fxmem.inspect``) holds what Inductor's code holds."""
-    from fxmem import partitioner
+    from fxmem.bench.trace import load_simulation, recorded_simulations
     from fxmem.compiler import FxmemCompiler
     from fxmem.memory import storage_key
     from fxmem.simulate import simulate, walk_step
     from tests.helpers import build, run_step
 
-    planned = []
-
-    def keep(fw, bw, num_fwd_outputs, static, **kwargs):
-        planned.append((fw, bw, num_fwd_outputs, list(static), kwargs["outside_bytes"]))
-        return simulate(fw, bw, num_fwd_outputs, planned[-1][3], **kwargs)
-
-    monkeypatch.setattr(partitioner, "simulate", keep)
     model, inputs = build("gpt")
-    run_step(torch.compile(model, backend=FxmemCompiler(memory_budget=0.4, codegen="eager")), inputs)
-    fw, bw, num_fwd_outputs, static, outside = planned[-1]
-    pooled = simulate(fw, bw, num_fwd_outputs, static, fused=True, outside_bytes=outside)
+    recorded: list = []
+    with recorded_simulations(recorded):
+        run_step(torch.compile(model, backend=FxmemCompiler(memory_budget=0.4, codegen="eager")), inputs)
+    fw, bw, kwargs = load_simulation(recorded[-1])
+    pooled = simulate(fw, bw, **{**kwargs, "fused": True})
     plain = Timeline(static_bytes=pooled.static_bytes)
-    static_keys = {storage_key(v) for v in static if isinstance(v, torch.Tensor)}
+    static_keys = {storage_key(v) for v in kwargs["static"] if isinstance(v, torch.Tensor)}
     walk_step(fw, bw, static_keys, True, plain, lambda: _Memory(0))
     assert [p[:2] for p in pooled.points] == [p[:2] for p in plain.points]
     raised = [a[2] - b[2] for a, b in zip(pooled.points, plain.points, strict=True)]

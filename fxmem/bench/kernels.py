@@ -67,15 +67,15 @@ def _measured_by_kernel(trace: dict[str, Any], filename: str, lines: list[int]) 
 def kernel_table(trace: dict[str, Any]) -> list[KernelRow]:
     """Every generated kernel of a one-graph trace (``fxmem.bench.trace``), forward then backward, with
     what the allocator held there and what fxmem's fused walk predicts for the plan the step ran."""
-    from fxmem.bench.trace import load_simulation
+    from fxmem.bench.trace import load_simulation, ran_simulation
     from fxmem.simulate import simulate
 
     if len(trace.get("graphs", [])) != 1:
         raise ValueError(f"a kernel table needs a trace of one graph, not {len(trace.get('graphs', []))}")
-    chosen = trace["graphs"][0].get("simulation")
+    chosen = ran_simulation(trace)
     if chosen is None:
         raise ValueError("the trace does not hold the plan its step ran")
-    fw, bw, kwargs = load_simulation(trace["simulations"][chosen])
+    fw, bw, kwargs = load_simulation(chosen)
     points: dict[tuple[str, str], int] = {}
     for phase, name, live in simulate(fw, bw, **kwargs).points:
         points[phase, name] = max(points.get((phase, name), 0), live)

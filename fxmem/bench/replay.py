@@ -34,19 +34,19 @@ VARIANTS: tuple[tuple[str, tuple[int, int] | None, bool], ...] = (
 def replay(trace: dict[str, Any]) -> dict[str, Any]:
     """``{"label", "measured", "recorded", "predicted": {variant: bytes}}`` for one trace, or with
     ``"skipped"`` (why) instead of predictions."""
-    from fxmem.bench.trace import load_simulation
+    from fxmem.bench.trace import load_simulation, ran_simulation
     from fxmem.schedule import graph_order
     from fxmem.simulate import simulate
 
     row: dict[str, Any] = {"label": trace.get("label"), "measured": trace.get("peak_bytes")}
-    graphs, simulations = trace.get("graphs", []), trace.get("simulations", [])
+    graphs = trace.get("graphs", [])
     if len(graphs) != 1 or row["measured"] is None:
         return {**row, "skipped": f"{len(graphs)} graphs" if len(graphs) != 1 else "no measured peak"}
     row["recorded"] = graphs[0]["predicted_peak_bytes"]
-    chosen = [s for s in simulations if s["peak_bytes"] == row["recorded"]]
-    if not chosen:
+    chosen = ran_simulation(trace)
+    if chosen is None:
         return {**row, "skipped": "the plan the step ran was not recorded"}
-    fw, bw, kwargs = load_simulation(chosen[-1])
+    fw, bw, kwargs = load_simulation(chosen)
     row["predicted"] = {}
     for name, allowance, fusion in VARIANTS:
         options: dict[str, Any] = {} if allowance is None else {"allowance": allowance}

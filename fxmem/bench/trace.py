@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_simulation", "recorded_simulations", "trace_path", "write_trace"]
+__all__ = ["load_simulation", "ran_simulation", "recorded_simulations", "trace_path", "write_trace"]
 
 _LIBRARY_DIRS = tuple(
     str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)}
@@ -114,6 +114,13 @@ def recorded_simulations(sink: list[dict[str, Any]]) -> Iterator[None]:
         yield
     finally:
         partitioner.simulate = simulate
+
+
+def ran_simulation(trace: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded simulation of the plan a one-graph trace's step ran (``load_simulation`` reads it),
+    or ``None`` if it was not recorded."""
+    index = trace["graphs"][0].get("simulation")
+    return None if index is None else trace["simulations"][index]
 
 
 def load_simulation(recorded: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
