@@ -92,15 +92,25 @@ def _eager_decompositions() -> dict[Any, Any]:
     return table
 
 
+# Batch norm's backward stays one op only where each channel has at least this many elements: its two
+# statistics per channel are then at most 2/128 of its input (see _batch_norm_backward).
+_WHOLE_BATCH_NORM_MIN_ELEMENTS = 128
+
+
 def _batch_norm_backward(decomposed: Callable[..., Any], *args: Any) -> Any:
     """Batch norm's backward in training, on one dtype, stays one op: it reads the same forward tensors as
-    its decomposition (but a few bytes of statistics per channel), so the plan is Inductor's, while
-    decomposing it was the largest part of a ResNet's first call. It reads the batch's statistics, not
-    the running ones (which the forward updates in place), so it is traced without them. Elsewhere (eval
-    mode, autocast's mixed dtypes): ``decomposed``, Inductor's decomposition."""
+    its decomposition but for its statistics per channel, so the plan is Inductor's, while decomposing
+    it was the largest part of a ResNet's first call. Decomposed, it lets the partitioner hold other
+    tensors than the input, its mean and its inverse deviation: PyTorch's default then saves up to two
+    channel vectors less. Where each channel has few elements (a BatchNorm1d on a small batch), those
+    are a large part of what it saves (11% on a 4-row batch), and a fraction of the whole op's default
+    would exceed that fraction of Inductor's; there it is decomposed. The whole op reads the batch's
+    statistics, not the running ones (which the forward updates in place), so it is traced without
+    them. Elsewhere too (eval mode, autocast's mixed dtypes): ``decomposed``, Inductor's decomposition."""
     grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, output_mask = args
     dtypes = {t.dtype for t in (grad_out, input, weight, save_mean, save_invstd) if t is not None}
-    if not train or len(dtypes) > 1:
+    per_channel = _compat.hint(input.numel()) // max(_compat.hint(input.shape[1]), 1)
+    if not train or len(dtypes) > 1 or per_channel < _WHOLE_BATCH_NORM_MIN_ELEMENTS:
         return decomposed(*args)
     if running_mean is None and running_var is None:
         return NotImplemented  # make_fx traces it as is
