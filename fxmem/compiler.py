@@ -74,6 +74,7 @@ def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: Fxmem
         bw_compiler=run_graph,
         partition_fn=partition,
         decompositions=_eager_decompositions(),
+        keep_inference_input_mutations=True,
     )(gm, example_inputs)
 
 
