@@ -74,6 +74,8 @@ def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: Fxmem
         bw_compiler=run_graph,
         partition_fn=partition,
         decompositions=_eager_decompositions(),
+        # as Inductor asks: the forward's buffer updates stay in the graph (in training too), so that
+        # PyTorch's default, the reference, reads a value written into a buffer from the buffer
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
 

@@ -57,8 +57,8 @@ def _small_batch_norm_case() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]
 
 def _spectral_norm_case() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """Spectral norm's power iteration updates a buffer in the forward with a vector the backward reads.
-    Inductor's graph writes it into the buffer, which the backward then reads (free, as a buffer); the
-    eager codegen's graph must do the same, or it saves a copy the default does not hold."""
+    In Inductor's graph the default's backward reads it from the buffer (free, as a buffer); on the
+    eager codegen's graph the default must too, or the reference counts a copy Inductor does not hold."""
     spectral = torch.nn.utils.parametrizations.spectral_norm
     layers = [spectral(torch.nn.Linear(16, 32)), torch.nn.ReLU(), spectral(torch.nn.Linear(32, 1))]
     return _Loss(torch.nn.Sequential(*layers)), (torch.randn(4, 16),)
