@@ -430,6 +430,8 @@ def _node_facts(
             is_view = key in owners and node.op == "call_function"
             owner = owners.setdefault(key, node.name)
         tensor = _tensor_facts(node, val, owner)
+    elif _view_base(node) in known:  # an op returning several views (split, unbind): as free as a view
+        is_view = True
     kind = _classify(node, is_view, static_inputs)
     policy = node.meta.get("recompute")
     policy_name = getattr(policy, "name", None)
@@ -440,10 +442,9 @@ def _node_facts(
     can_recompute = can_recompute and op_name(node) not in _NEVER_RECOMPUTE_OPS
     if policy_name == "MUST_SAVE":
         can_recompute = False
-    # Views are recomputed from their base: saving one holds the base's whole storage anyway.
-    can_save = (
-        tensor is not None and not _is_multi_output(node) and not is_sym and (kind != "view" or not can_recompute)
-    )
+    # Views (a split's getitems too) are recomputed from their base: saving one holds the base's whole
+    # storage anyway, more than the view's own bytes the plan would count.
+    can_save = tensor is not None and not _is_multi_output(node) and not is_sym and (not is_view or not can_recompute)
     if policy_name in ("MUST_RECOMPUTE", "PREFER_RECOMPUTE") and can_recompute:  # user checkpoint regions
         can_save = False
     if node.op == "call_function" and not is_sym and tensor is None and not isinstance(val, (list, tuple)):

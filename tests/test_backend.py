@@ -187,8 +187,9 @@ def test_fractional_budgets(case):
 def test_absolute_budgets_bound_the_peak_monotonically(caplog):
     """A sweep of absolute budgets around the lossless plan's peak: each one at or above the smallest peak
     fxmem can reach (what a budget of two bytes runs with) is met, each one below is not, and a smaller
-    budget never gets a larger predicted peak, met or not."""
-    model, inputs = build("gpt")
+    budget never gets a larger predicted peak, met or not. (On gpt tiny the lossless plan's peak is
+    already the smallest; with dropout it is 20% above it.)"""
+    model, inputs = build("gpt", "tiny-dropout")
     lossless = fxmem.inspect(model, *inputs).predicted_peak_bytes
     with caplog.at_level(logging.WARNING, logger="fxmem"):
         smallest = fxmem.inspect(model, *inputs, memory_budget=2, on_infeasible="best_effort").predicted_peak_bytes
