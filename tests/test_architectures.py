@@ -444,7 +444,7 @@ class ChannelSplit(nn.Module):
 
 @pytest.mark.parametrize("budget", [0.7, 0.4])
 def test_a_saved_half_of_a_split_counts_its_whole_storage(budget):
-    """The convolution's input is half of a channel split, which saved holds the whole storage. The plan
+    """The convolution's input is half of a channel split: saved, it holds the whole storage. The plan
     counted the half's own span (3/4 of it at batch 2) and held more than its budget: at 0.7, 48,768
     bytes against 42,624 counted. Such a half is now recomputed from the whole, which the plan counts."""
     inputs = (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
