@@ -90,19 +90,37 @@ def saved_nodes(fw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
     return [n for n in out.args[0][num_fwd_outputs:] if isinstance(n, fx.Node)]
 
 
+_CONVOLUTION = torch.ops.aten.convolution.default
+
+
+def _prefer_channels_last(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes Inductor's layout optimization lays out channels-last
+    (``GraphLowering.find_nodes_prefer_channels_last``): convolutions, the nodes that reach one through any
+    chain of ops but ``bmm``, and the nodes downstream of those up to the last convolution."""
+    prefers: set[fx.Node] = set()
+    last_convolution = None
+    for node in reversed(gm.graph.nodes):
+        if node.target is _CONVOLUTION:
+            prefers.add(node)
+            last_convolution = last_convolution or node
+        elif node.target is not torch.ops.aten.bmm.default and not prefers.isdisjoint(node.users):
+            prefers.add(node)
+    for node in gm.graph.nodes:
+        if node is last_convolution:
+            break
+        if node in prefers:
+            prefers.update(user for user in node.users if user.target is not torch.ops.aten.bmm.default)
+    return prefers
+
+
 def channels_last_copies(gm: fx.GraphModule) -> set[fx.Node]:
     """The inputs of ``gm`` (a forward or joint graph) that Inductor's layout optimization copies to
-    channels-last when the forward saves them: 4-d inputs that reach a convolution through any chain of
-    ops but ``bmm`` (``GraphLowering.find_nodes_prefer_channels_last``), a convolution weight's cast under
-    autocast included, unless channels-last already. A saved parameter then holds a copy that counts,
-    though the parameter itself does not. None when the optimization is off for ``gm``."""
+    channels-last when the forward saves them: 4-d inputs that reach a convolution (a convolution weight's
+    cast under autocast included), unless channels-last already. A saved parameter then holds a copy that
+    counts, though the parameter itself does not. None when the optimization is off for ``gm``."""
     if not _compat.inductor_layout_opt(gm):
         return set()
-    conv, bmm = torch.ops.aten.convolution.default, torch.ops.aten.bmm.default
-    prefers: set[fx.Node] = set()
-    for node in reversed(gm.graph.nodes):
-        if node.target is conv or (node.target is not bmm and not prefers.isdisjoint(node.users)):
-            prefers.add(node)
+    prefers = _prefer_channels_last(gm)
     copied = set()
     for node in gm.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
@@ -112,19 +130,96 @@ def channels_last_copies(gm: fx.GraphModule) -> set[fx.Node]:
     return copied
 
 
+def _stride_order(sizes: Sequence[int], strides: Sequence[int]) -> tuple[int, ...]:
+    """The dims of more than one element, innermost first."""
+    return tuple(sorted((d for d, size in enumerate(sizes) if size != 1), key=lambda d: (strides[d], d)))
+
+
+def _dense(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether the elements fill their span exactly, in some order of the dims."""
+    expected = 1
+    for d in _stride_order(sizes, strides):
+        if strides[d] != expected:
+            return False
+        expected *= sizes[d]
+    return True
+
+
+def _as_laid_out_by_inductor(view: fx.Node, chain: list[fx.Node], base: torch.Tensor) -> torch.Tensor:
+    """``view``'s value as Inductor lays it out: the view ops of ``chain`` (from ``view`` back towards the
+    convolution) replayed on a channels-last tensor of the convolution's output's sizes."""
+    val = torch.empty([_compat.hint(s) for s in base.shape], dtype=base.dtype, device="meta")
+    val = val.contiguous(memory_format=torch.channels_last)
+
+    def hinted(arg: Any) -> Any:
+        return _compat.hint(arg.meta["val"]) if isinstance(arg, fx.Node) else arg  # a size, if a node
+
+    for node in reversed(chain):
+        if node.target is operator.getitem:
+            val = val[node.args[1]]
+        else:
+            args, kwargs = fx.node.map_aggregate((node.args[1:], node.kwargs), hinted)
+            val = node.target(val, *args, **kwargs)
+    return val
+
+
+def inductor_copied_views(gm: fx.GraphModule, saved: Iterable[fx.Node]) -> set[fx.Node]:
+    """The saved views of a convolution's output that Inductor's forward holds as buffers of their own.
+
+    Under layout optimization a 2-d convolution's output is channels-last, while Inductor gives each
+    forward output the stride order of its traced value (channels-last for a dense 4-d value it lays out
+    channels-last) and copies a view whose order differs (``GraphLowering.run_node``). A channel slice of
+    the output (half of a ``chunk``) then holds its own bytes, not the whole output's; a batch slice stays
+    a view."""
+    if not _compat.inductor_layout_opt(gm):
+        return set()
+    prefers = _prefer_channels_last(gm)
+    copied = set()
+    for node in saved:
+        chain, base = [], node
+        while (source := view_source(base)) is not None:
+            chain.append(base)
+            base = source
+        base_val, val = base.meta.get("val"), node.meta.get("val")
+        if not chain or base.target is not _CONVOLUTION or not isinstance(val, torch.Tensor) or base_val.dim() != 4:
+            continue
+        try:
+            laid_out = _as_laid_out_by_inductor(node, chain, base_val)
+        except Exception:  # a view op that does not replay on plain sizes: count the view as it is traced
+            continue
+        sizes = [_compat.hint(s) for s in val.shape]
+        wanted = [_compat.hint(s) for s in val.stride()]
+        if val.dim() == 4 and node in prefers and _dense(sizes, wanted):
+            wanted = list(torch.empty(sizes, device="meta", memory_format=torch.channels_last).stride())
+        if _stride_order(sizes, wanted) != _stride_order(sizes, laid_out.stride()):
+            copied.add(node)
+    return copied
+
+
 def layout_copy_bytes(gm: fx.GraphModule, saved: list[fx.Node], static: list[Any]) -> int:
     """Bytes of the copies Inductor makes of saved parameters (a saved batch input counts once anyway)."""
     static_keys = {storage_key(v) for v in static if isinstance(v, torch.Tensor)}
     copied = channels_last_copies(gm)
     vals = [node.meta["val"] for node in saved if node in copied and storage_key(node.meta["val"]) in static_keys]
-    return sum(_compat.hint(val.numel()) * val.dtype.itemsize for val in vals)
+    return sum(_own_bytes(val) for val in vals)
 
 
-def saved_bytes(gm: fx.GraphModule, saved: list[fx.Node], static: list[Any], *, codegen: str) -> int:
+def _own_bytes(val: torch.Tensor) -> int:
+    return _compat.hint(val.numel()) * val.dtype.itemsize
+
+
+def saved_bytes(
+    gm: fx.GraphModule, saved: list[fx.Node], static: list[Any], *, codegen: str, parameter_copies: bool = True
+) -> int:
     """What saved-tensor hooks will measure when ``saved`` (nodes of ``gm``, a forward or joint graph) are
-    saved for the backward, parameters excluded."""
-    total = sum(storage_bytes(val) for val in saved_storages(saved, static))
-    if codegen == "inductor":
+    saved for the backward, parameters excluded. Under Inductor that counts the copies it makes of
+    convolution outputs' views and, with ``parameter_copies``, of parameters."""
+    if codegen != "inductor":
+        return sum(storage_bytes(val) for val in saved_storages(saved, static))
+    copied = inductor_copied_views(gm, saved)
+    total = sum(storage_bytes(val) for val in saved_storages([n for n in saved if n not in copied], static))
+    total += sum(_own_bytes(node.meta["val"]) for node in copied)
+    if parameter_copies:
         total += layout_copy_bytes(gm, saved, static)
     return total
 

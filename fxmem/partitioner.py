@@ -114,7 +114,8 @@ class Reference:
     static_indices: list[int]  # as AOTAutograd gave them to the partitioner, which PyTorch's reads
     static_positions: list[int]  # where the parameters and buffers are (``_compat.static_input_positions``)
     codegen: str
-    saved_bytes: int | None = None
+    saved_bytes: int | None = None  # as Inductor's forward holds them: fractional budgets are of this
+    split_saved_bytes: int | None = None  # as the split run by fxmem's codegen holds them (the fallback)
     error: Exception | None = None
     _split: tuple[fx.GraphModule, fx.GraphModule] | None = None
 
@@ -148,9 +149,15 @@ def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: lis
             gm, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_indices
         )
         saved = read_by_backward(gm, chosen, num_fwd_outputs)
-        # Inductor's layout copies are decided on the joint graph here: on a GPU that may miss a copy the
-        # real forward makes (a tighter budget), never add one.
-        reference.saved_bytes = saved_bytes(gm, saved, static_vals(gm, static_positions), codegen=codegen)
+        static = static_vals(gm, static_positions)
+        reference.split_saved_bytes = saved_bytes(gm, saved, static, codegen=codegen)
+        # Fractions are of what Inductor's forward holds (a convolution output's view it copies holds its own
+        # bytes), with its copies of parameters only where fxmem's plan runs through Inductor too. Its layout
+        # copies are decided on the joint graph here: on a GPU that may miss a copy the real forward makes
+        # (a tighter budget), never add one.
+        reference.saved_bytes = saved_bytes(
+            gm, saved, static, codegen="inductor", parameter_copies=codegen == "inductor"
+        )
     except Exception as err:  # the reference is advisory: planning goes on without it
         log.info("fxmem: could not compute the default partitioner's plan: %s", err)
         reference.error = err
@@ -205,7 +212,7 @@ def partition(
         if reference is None:  # fxmem failed before the reference looked at gm
             reference = _recorded_reference(report, gm, num_fwd_outputs, torch_static, config.codegen)
         fw, bw = reference.split()  # raises where PyTorch's own partitioner fails on this graph too
-        report.predicted_saved_bytes = reference.saved_bytes
+        report.predicted_saved_bytes = reference.split_saved_bytes
     report.partition_time_s = time.perf_counter() - started
     record_report(report, on_report)
     return fw, bw
