@@ -145,9 +145,9 @@ def _dense(sizes: Sequence[int], strides: Sequence[int]) -> bool:
     return True
 
 
-def _as_laid_out_by_inductor(view: fx.Node, chain: list[fx.Node], base: torch.Tensor) -> torch.Tensor:
-    """``view``'s value as Inductor lays it out: the view ops of ``chain`` (from ``view`` back towards the
-    convolution) replayed on a channels-last tensor of the convolution's output's sizes."""
+def _as_laid_out_by_inductor(chain: list[fx.Node], base: torch.Tensor) -> torch.Tensor:
+    """A saved view as Inductor lays it out: the view ops of ``chain`` (from the view back towards the
+    convolution whose output is ``base``) replayed on a channels-last tensor of ``base``'s sizes."""
     val = torch.empty([_compat.hint(s) for s in base.shape], dtype=base.dtype, device="meta")
     val = val.contiguous(memory_format=torch.channels_last)
 
@@ -184,7 +184,7 @@ def inductor_copied_views(gm: fx.GraphModule, saved: Iterable[fx.Node]) -> set[f
         if not chain or base.target is not _CONVOLUTION or not isinstance(val, torch.Tensor) or base_val.dim() != 4:
             continue
         try:
-            laid_out = _as_laid_out_by_inductor(node, chain, base_val)
+            laid_out = _as_laid_out_by_inductor(chain, base_val)
         except Exception:  # a view op that does not replay on plain sizes: count the view as it is traced
             continue
         sizes = [_compat.hint(s) for s in val.shape]
