@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fxmem.solve.problem import Decision
+
 if TYPE_CHECKING:
     from fxmem.capture import JointGraph, NodeFacts
     from fxmem.planner import PlanningInputs
@@ -92,16 +94,15 @@ def _mib(value: int | None) -> str:
 
 def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[TensorRow]:
     problem = inputs.problem
+    recomputed, required = set(plan.recomputed), set(joint.required)  # sets: a deep graph has thousands
     rows = []
     for node in joint.forward:
-        if node.name not in plan.saved and node.name not in plan.recomputed:
-            continue
-        if node not in joint.required and node.name not in plan.saved:
-            continue  # an intermediate of a recomputation: not a tensor the backward reads
+        if node.name not in plan.saved and (node.name not in recomputed or node not in required):
+            continue  # neither held nor read by the backward (an intermediate of a recomputation)
         facts = joint.facts[node]
         tensor = facts.tensor
         solver_node = problem.by_name[node.name]
-        decision = plan.decision(node.name)
+        decision = plan.decision(node.name) if node.name in plan.saved else Decision("recompute")
         stored = 0
         if decision.kind == "keep":
             stored = solver_node.save_bytes
