@@ -48,11 +48,19 @@ def view_source(node: fx.Node) -> fx.Node | None:
     return source if returns_view(source.target if node.target is operator.getitem else node.target) else None
 
 
+def view_chain(node: fx.Node) -> tuple[list[fx.Node], fx.Node]:
+    """The views from ``node`` back towards the node whose value owns its storage (empty unless ``node``
+    is a view), and that node."""
+    chain = []
+    while (source := view_source(node)) is not None:
+        chain.append(node)
+        node = source
+    return chain, node
+
+
 def storage_node(node: fx.Node) -> fx.Node:
     """The node whose value owns ``node``'s storage: ``node`` itself unless it is a view."""
-    while (source := view_source(node)) is not None:
-        node = source
-    return node
+    return view_chain(node)[1]
 
 
 def distinct_storages(vals: Iterable[Any], static_vals: Iterable[Any]) -> list[torch.Tensor]:
@@ -171,17 +179,15 @@ def inductor_copied_views(gm: fx.GraphModule, saved: Iterable[fx.Node]) -> set[f
     channels-last) and copies a view whose order differs (``GraphLowering.run_node``). A channel slice of
     the output (half of a ``chunk``) then holds its own bytes, not the whole output's; a batch slice stays
     a view."""
-    if not _compat.inductor_layout_opt(gm):
+    views = [(node, *view_chain(node)) for node in saved if isinstance(node.meta.get("val"), torch.Tensor)]
+    views = [(node, chain, base) for node, chain, base in views if chain and base.target is _CONVOLUTION]
+    if not views or not _compat.inductor_layout_opt(gm):  # most graphs save no such view: skip the heuristic
         return set()
     prefers = _prefer_channels_last(gm)
     copied = set()
-    for node in saved:
-        chain, base = [], node
-        while (source := view_source(base)) is not None:
-            chain.append(base)
-            base = source
-        base_val, val = base.meta.get("val"), node.meta.get("val")
-        if not chain or base.target is not _CONVOLUTION or not isinstance(val, torch.Tensor) or base_val.dim() != 4:
+    for node, chain, base in views:
+        base_val, val = base.meta["val"], node.meta["val"]
+        if base_val.dim() != 4:
             continue
         try:
             laid_out = _as_laid_out_by_inductor(chain, base_val)
