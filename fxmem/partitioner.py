@@ -150,13 +150,15 @@ def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: lis
         )
         saved = read_by_backward(gm, chosen, num_fwd_outputs)
         static = static_vals(gm, static_positions)
-        reference.split_saved_bytes = saved_bytes(gm, saved, static, codegen=codegen)
         # Fractions are of what Inductor's forward holds (a convolution output's view it copies holds its own
         # bytes), with its copies of parameters only where fxmem's plan runs through Inductor too. Layout
         # optimization is decided on the joint graph here; on a GPU its heuristic may decide otherwise for
         # the real forward (a parameter's copy missed makes the budget tighter, a view's copy looser).
         reference.saved_bytes = saved_bytes(
             gm, saved, static, codegen="inductor", parameter_copies=codegen == "inductor"
+        )
+        reference.split_saved_bytes = (
+            reference.saved_bytes if codegen == "inductor" else saved_bytes(gm, saved, static, codegen=codegen)
         )
     except Exception as err:  # the reference is advisory: planning goes on without it
         log.info("fxmem: could not compute the default partitioner's plan: %s", err)
