@@ -45,6 +45,7 @@ __all__ = [
     "boxed_graph_function",
     "compile_caches_off",
     "compile_fx",
+    "counted_as_fusible",
     "default_saved_values",
     "detect_fake_mode",
     "extract_fwd_bwd_modules",
@@ -233,6 +234,21 @@ class _SavedValuesChosen(Exception):
     def __init__(self, saved_values: list[fx.Node]):
         super().__init__("PyTorch's partitioner chose its saved values")
         self.saved_values = saved_values
+
+
+@contextlib.contextmanager
+def counted_as_fusible(ops: Sequence[Any]) -> Iterator[None]:
+    """PyTorch's partitioner, while this holds, counts ``ops`` (overload packets) as fusible: it may then
+    recompute a forward value they read, as it may one that pointwise ops read."""
+
+    def op_list() -> Any:
+        op_types = default_op_list()
+        op_types.fusible_ops.update(ops)
+        return op_types
+
+    default_op_list = _partitioners.get_default_op_list
+    with mock.patch.object(_partitioners, "get_default_op_list", op_list):
+        yield
 
 
 def default_saved_values(

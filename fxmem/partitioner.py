@@ -29,6 +29,7 @@ from fxmem.calibrate import calibrated_profile
 from fxmem.capture import JointGraph, UnsupportedGraph, capture
 from fxmem.config import FxmemConfig
 from fxmem.cost import get_cost_model, resolve_profile
+from fxmem.decompositions import KEPT_WHOLE
 from fxmem.memory import outside_graph_bytes, predicted_saved_bytes, read_by_backward, saved_bytes, static_vals
 from fxmem.planner import PlanningInputs, build_problem, keep_thresholds_exact
 from fxmem.report import GraphReport, record_report, tensor_rows
@@ -105,7 +106,8 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 @dataclass
 class Reference:
-    """torch.compile's default partition of the joint graph ``gm``: what its forward saves in bytes
+    """torch.compile's default partition of the joint graph ``gm`` (with the ops the eager codegen keeps
+    whole counted as fusible, as their decompositions in Inductor's graph are): what its forward saves in bytes
     (parameters excluded) and, built on first use, its forward and backward (fxmem's fallback) and their
     simulated memory. ``error`` is why PyTorch's partitioner failed, if it did."""
 
@@ -123,10 +125,11 @@ class Reference:
         """PyTorch's forward and backward: planning needs only what they save, so they are built only when
         fxmem falls back or ``fxmem.inspect`` simulates them."""
         if self._split is None:
-            self._split = _compat.min_cut_rematerialization_partition(
-                self.gm, [], compiler="inductor", num_fwd_outputs=self.num_fwd_outputs,
-                static_lifetime_input_indices=self.static_indices,
-            )  # fmt: skip
+            with _compat.counted_as_fusible(KEPT_WHOLE):
+                self._split = _compat.min_cut_rematerialization_partition(
+                    self.gm, [], compiler="inductor", num_fwd_outputs=self.num_fwd_outputs,
+                    static_lifetime_input_indices=self.static_indices,
+                )  # fmt: skip
         return self._split
 
     def timeline(self) -> Timeline | None:
@@ -145,9 +148,10 @@ def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: lis
     static_positions = _compat.static_input_positions(gm, static_indices)
     reference = Reference(gm, num_fwd_outputs, static_indices, static_positions, codegen)
     try:
-        chosen = _compat.default_saved_values(
-            gm, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_indices
-        )
+        with _compat.counted_as_fusible(KEPT_WHOLE):  # as they are, decomposed, in Inductor's graph
+            chosen = _compat.default_saved_values(
+                gm, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_indices
+            )
         saved = read_by_backward(gm, chosen, num_fwd_outputs)
         static = static_vals(gm, static_positions)
         # Fractions are of what Inductor's forward holds (a convolution output's view it copies holds its own

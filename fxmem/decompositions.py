@@ -1,0 +1,88 @@
+"""The decompositions the eager codegen traces the joint graph with: Inductor's, so that it plans the graph
+Inductor would partition, but for a few ops kept as eager runs them.
+
+Batch and group norm's backward stay one op where that leaves PyTorch's default plan, the reference for
+fractional budgets, as it is on Inductor's graph: decomposing them was the largest part of the added
+first-call time of a ResNet and of a GroupNorm UNet. The ops of their decompositions that read the forward's
+tensors are pointwise, which PyTorch's partitioner counts as fusible; the whole op is not, and a forward
+value a non-fusible backward op reads may not be recomputed. So the reference counts these ops as fusible
+(``KEPT_WHOLE``): without that, PyTorch's default on a residual GroupNorm stack saved a residual sum
+it recomputes on Inductor's graph (+8%).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fxmem import _compat
+
+aten = torch.ops.aten
+
+# The ops the eager codegen may keep whole, which the reference counts as fusible, as their decompositions are.
+KEPT_WHOLE = (aten.native_batch_norm_backward, aten.native_group_norm_backward)
+
+# A norm's backward stays one op only where each of its statistics covers at least this many elements
+# (a channel for batch norm, a group of a sample for group norm): they are then at most 2/128 of its input.
+_WHOLE_NORM_MIN_ELEMENTS = 128
+
+
+def eager_decompositions() -> dict[Any, Any]:
+    """Inductor's decompositions, except those of random ops (these draw as in eager mode, so a seed gives
+    eager's random numbers) and of batch and group norm's backward (kept whole where they can be)."""
+    table = {
+        op: fn
+        for op, fn in _compat.inductor_decompositions().items()
+        if torch.Tag.nondeterministic_seeded not in getattr(op, "tags", ())
+    }
+    for op, keep_whole in ((aten.native_batch_norm_backward, _batch_norm_backward),
+                           (aten.native_group_norm_backward, _group_norm_backward)):  # fmt: skip
+        table[op.default] = functools.partial(keep_whole, table[op.default])
+    table[aten.native_dropout.default] = _native_dropout
+    return table
+
+
+def _batch_norm_backward(decomposed: Callable[..., Any], *args: Any) -> Any:
+    """Batch norm's backward in training, on one dtype, stays one op. Decomposed, it lets the partitioner
+    hold other tensors than the input, its mean and its inverse deviation: PyTorch's default saved a
+    channel vector less on a residual stack (0.7% of what it saved at 16 elements per channel). Where each
+    channel has few elements such vectors are a large part of what it saves, and a fraction of the whole
+    op's default would exceed that fraction of Inductor's; there it is decomposed. The whole op reads the
+    batch's statistics, not the running ones (which the forward updates in place), so it is traced
+    without them. Elsewhere too (eval mode, autocast's mixed dtypes): ``decomposed``, Inductor's."""
+    grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, output_mask = args
+    dtypes = {t.dtype for t in (grad_out, input, weight, save_mean, save_invstd) if t is not None}
+    per_channel = _compat.hint(input.numel()) // max(_compat.hint(input.shape[1]), 1)
+    if not train or len(dtypes) > 1 or per_channel < _WHOLE_NORM_MIN_ELEMENTS:
+        return decomposed(*args)
+    if running_mean is None and running_var is None:
+        return NotImplemented  # make_fx traces it as is
+    return aten.native_batch_norm_backward.default(
+        grad_out, input, weight, None, None, save_mean, save_invstd, train, eps, output_mask
+    )
+
+
+def _group_norm_backward(decomposed: Callable[..., Any], *args: Any) -> Any:
+    """Group norm's backward, on one dtype, stays one op where each group of a sample has at least
+    ``_WHOLE_NORM_MIN_ELEMENTS`` elements, batch norm's bound (on groups of 1 to 64 elements PyTorch's
+    default saved the same either way); elsewhere, ``decomposed``."""
+    grad_out, input, mean, rstd, weight, _n, channels, hw, groups, _mask = args
+    dtypes = {t.dtype for t in (grad_out, input, mean, rstd, weight) if t is not None}
+    per_group = _compat.hint(channels) // max(_compat.hint(groups), 1) * _compat.hint(hw)
+    if len(dtypes) > 1 or per_group < _WHOLE_NORM_MIN_ELEMENTS:
+        return decomposed(*args)
+    return NotImplemented  # make_fx traces it as is
+
+
+def _native_dropout(input: torch.Tensor, p: float, train: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout as a random mask and a pointwise product: the backward can then recompute the output from
+    the saved mask. Draws the same numbers as the eager kernel (``bernoulli_`` with the keep probability
+    on a tensor shaped like the input)."""
+    if train is not None and not train:
+        return input.clone(), torch.ones_like(input, dtype=torch.bool)
+    keep = 1.0 - p
+    mask = torch.bernoulli(input, keep).to(torch.bool)
+    return input * mask * (1.0 / keep if keep > 0 else 0.0), mask
