@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
 from fxmem import _compat
-from fxmem.memory import storage_key
+from fxmem.memory import storage_key, view_source
 
 RANDOM_TAG = torch.Tag.nondeterministic_seeded
 _MATMUL_OPS = {
@@ -392,15 +392,9 @@ def _is_log_softmax(node: fx.Node) -> bool:
 
 def _view_base(node: fx.Node) -> fx.Node | None:
     """The input a node's value aliases by its op's schema: a view op's input (also for the getitems of
-    one that returns several views, like ``split``)."""
-    if node.op != "call_function":
-        return None
-    if node.target is operator.getitem:
-        source = node.args[0]
-        return _view_base(source) if isinstance(source, fx.Node) else None
-    if getattr(node.target, "is_view", False) and node.args and isinstance(node.args[0], fx.Node):
-        return node.args[0]
-    return None
+    one that returns several views, like ``split``: past the list, to the op's input)."""
+    source = view_source(node)
+    return view_source(source) if source is not None and node.target is operator.getitem else source
 
 
 def _node_facts(
