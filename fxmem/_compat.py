@@ -7,6 +7,8 @@ fix it here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
@@ -243,8 +245,9 @@ def counted_as_fusible(ops: Sequence[Any]) -> Iterator[None]:
 
     def op_list() -> Any:
         op_types = default_op_list()
-        op_types.fusible_ops.update(ops)
-        return op_types
+        fusible = copy.copy(op_types.fusible_ops)  # (the lists PyTorch returns may one day be shared)
+        fusible.update(ops)
+        return dataclasses.replace(op_types, fusible_ops=fusible)
 
     default_op_list = _partitioners.get_default_op_list
     with mock.patch.object(_partitioners, "get_default_op_list", op_list):
