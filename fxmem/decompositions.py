@@ -22,9 +22,6 @@ from fxmem import _compat
 
 aten = torch.ops.aten
 
-# The ops the eager codegen may keep whole, which the reference counts as fusible, as their decompositions are.
-KEPT_WHOLE = (aten.native_batch_norm_backward, aten.native_group_norm_backward)
-
 # A norm's backward stays one op only where each of its statistics covers at least this many elements
 # (a channel for batch norm, a group of a sample for group norm): they are then at most 2/128 of its input.
 _WHOLE_NORM_MIN_ELEMENTS = 128
@@ -38,8 +35,7 @@ def eager_decompositions() -> dict[Any, Any]:
         for op, fn in _compat.inductor_decompositions().items()
         if torch.Tag.nondeterministic_seeded not in getattr(op, "tags", ())
     }
-    for op, keep_whole in ((aten.native_batch_norm_backward, _batch_norm_backward),
-                           (aten.native_group_norm_backward, _group_norm_backward)):  # fmt: skip
+    for op, keep_whole in _KEEP_WHOLE.items():
         table[op.default] = functools.partial(keep_whole, table[op.default])
     table[aten.native_dropout.default] = _native_dropout
     return table
@@ -75,6 +71,15 @@ def _group_norm_backward(decomposed: Callable[..., Any], *args: Any) -> Any:
     if len(dtypes) > 1 or per_group < _WHOLE_NORM_MIN_ELEMENTS:
         return decomposed(*args)
     return NotImplemented  # make_fx traces it as is
+
+
+# The backward ops the eager codegen may keep whole, each with what decides where. The reference counts
+# them as fusible, as their decompositions are.
+_KEEP_WHOLE = {
+    aten.native_batch_norm_backward: _batch_norm_backward,
+    aten.native_group_norm_backward: _group_norm_backward,
+}
+KEPT_WHOLE = tuple(_KEEP_WHOLE)
 
 
 def _native_dropout(input: torch.Tensor, p: float, train: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
