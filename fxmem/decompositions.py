@@ -41,6 +41,13 @@ def eager_decompositions() -> dict[Any, Any]:
     return table
 
 
+def _may_stay_whole(tensors: tuple[torch.Tensor | None, ...], elements_per_statistic: int) -> bool:
+    """A norm's backward may stay one op on one dtype (autocast mixes them), and where each of its statistics
+    covers at least ``_WHOLE_NORM_MIN_ELEMENTS`` elements."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return len(dtypes) == 1 and elements_per_statistic >= _WHOLE_NORM_MIN_ELEMENTS
+
+
 def _batch_norm_backward(decomposed: Callable[..., Any], *args: Any) -> Any:
     """Batch norm's backward in training, on one dtype, stays one op. Decomposed, it lets the partitioner
     hold other tensors than the input, its mean and its inverse deviation: PyTorch's default saved a
@@ -50,9 +57,8 @@ def _batch_norm_backward(decomposed: Callable[..., Any], *args: Any) -> Any:
     batch's statistics, not the running ones (which the forward updates in place), so it is traced
     without them. Elsewhere too (eval mode, autocast's mixed dtypes): ``decomposed``, Inductor's."""
     grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, output_mask = args
-    dtypes = {t.dtype for t in (grad_out, input, weight, save_mean, save_invstd) if t is not None}
     per_channel = _compat.hint(input.numel()) // max(_compat.hint(input.shape[1]), 1)
-    if not train or len(dtypes) > 1 or per_channel < _WHOLE_NORM_MIN_ELEMENTS:
+    if not train or not _may_stay_whole((grad_out, input, weight, save_mean, save_invstd), per_channel):
         return decomposed(*args)
     if running_mean is None and running_var is None:
         return NotImplemented  # make_fx traces it as is
@@ -66,9 +72,8 @@ def _group_norm_backward(decomposed: Callable[..., Any], *args: Any) -> Any:
     ``_WHOLE_NORM_MIN_ELEMENTS`` elements, batch norm's bound (on groups of 1 to 64 elements PyTorch's
     default saved the same either way); elsewhere, ``decomposed``."""
     grad_out, input, mean, rstd, weight, _n, channels, hw, groups, _mask = args
-    dtypes = {t.dtype for t in (grad_out, input, mean, rstd, weight) if t is not None}
     per_group = _compat.hint(channels) // max(_compat.hint(groups), 1) * _compat.hint(hw)
-    if len(dtypes) > 1 or per_group < _WHOLE_NORM_MIN_ELEMENTS:
+    if not _may_stay_whole((grad_out, input, mean, rstd, weight), per_group):
         return decomposed(*args)
     return NotImplemented  # make_fx traces it as is
 
