@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
 from fxmem import _compat
-from fxmem.memory import storage_key, view_source
+from fxmem.memory import argument, storage_key, view_source
 
 RANDOM_TAG = torch.Tag.nondeterministic_seeded
 _MATMUL_OPS = {
@@ -190,12 +190,7 @@ def _bytes_of(val: Any) -> float:
 def _zero_dropout(node: fx.Node) -> bool:
     """Whether a seeded op's only randomness is a ``dropout_p`` argument set to 0 (attention kernels):
     then it is deterministic and may be recomputed."""
-    schema = getattr(node.target, "_schema", None)
-    for i, arg in enumerate(schema.arguments if schema is not None else ()):
-        if arg.name == "dropout_p":
-            value = node.args[i] if i < len(node.args) else node.kwargs.get("dropout_p", arg.default_value)
-            return value == 0
-    return False
+    return argument(node, "dropout_p") == 0
 
 
 def _classify(node: fx.Node, is_view: bool, static_inputs: set[fx.Node]) -> str:

@@ -11,6 +11,8 @@ import torch.fx as fx
 
 from fxmem import _compat
 
+aten = torch.ops.aten
+
 
 def _held_in(val: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The strided tensors that hold ``val``'s data: ``val``, or a sparse COO tensor's indices and values
@@ -36,6 +38,16 @@ def returns_view(target: Any) -> bool:
         return False
     returns = target._schema.returns
     return len(returns) == 1 and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+
+
+def argument(node: fx.Node, name: str) -> Any:
+    """What ``node`` passes its op's argument ``name`` (the schema's default where it passes nothing); None
+    where the op has no such argument."""
+    schema = getattr(node.target, "_schema", None)
+    for i, arg in enumerate(schema.arguments if schema is not None else ()):
+        if arg.name == name:
+            return node.args[i] if i < len(node.args) else node.kwargs.get(name, arg.default_value)
+    return None
 
 
 def view_source(node: fx.Node) -> fx.Node | None:
@@ -214,6 +226,29 @@ def _own_bytes(val: torch.Tensor) -> int:
     return _compat.hint(val.numel()) * val.dtype.itemsize
 
 
+# The outputs of ``_embedding_bag`` whose CPU kernel allocates one element more than their size, which their
+# fake values do not show: offset2bag (output 1, where it is not empty) and, with include_last_offset, bag_size
+# (output 2).
+_EMBEDDING_BAGS = (aten._embedding_bag.default, aten._embedding_bag_forward_only.default)
+
+
+def _overallocated_bytes(node: fx.Node) -> int:
+    """Bytes ``node``'s kernel allocates beyond its value's size."""
+    bag = node.args[0] if node.target is operator.getitem else None
+    val = node.meta.get("val")
+    if not (isinstance(bag, fx.Node) and bag.target in _EMBEDDING_BAGS and isinstance(val, torch.Tensor)):
+        return 0
+    output = node.args[1]
+    over = (output == 1 and _compat.hint(val.numel()) > 0) or (output == 2 and argument(bag, "include_last_offset"))
+    return val.dtype.itemsize if over and val.device.type == "cpu" else 0
+
+
+def _stored_bytes(saved: list[fx.Node], static: list[Any]) -> int:
+    """Bytes of the distinct storages that saving ``saved`` holds, parameters and buffers left out."""
+    owners = {storage_node(node) for node in saved}
+    return sum(storage_bytes(val) for val in saved_storages(saved, static)) + sum(map(_overallocated_bytes, owners))
+
+
 def saved_bytes(
     gm: fx.GraphModule, saved: list[fx.Node], static: list[Any], *, codegen: str, parameter_copies: bool = True
 ) -> int:
@@ -221,9 +256,9 @@ def saved_bytes(
     saved for the backward, parameters excluded. Under Inductor that counts the copies it makes of
     convolution outputs' views and, with ``parameter_copies``, of parameters."""
     if codegen != "inductor":
-        return sum(storage_bytes(val) for val in saved_storages(saved, static))
+        return _stored_bytes(saved, static)
     copied = inductor_copied_views(gm, saved)
-    total = sum(storage_bytes(val) for val in saved_storages([n for n in saved if n not in copied], static))
+    total = _stored_bytes([n for n in saved if n not in copied], static)
     total += sum(_own_bytes(node.meta["val"]) for node in copied)
     if parameter_copies:
         total += layout_copy_bytes(gm, saved, static)

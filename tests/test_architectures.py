@@ -387,6 +387,36 @@ def test_sparse_embedding_gradients_are_planned(budget):
     _assert_planned_within(budget, SparseEmbedding, inputs)
 
 
+class BagsOfEmbeddings(nn.Module):
+    """Bags of embeddings averaged (``nn.EmbeddingBag``, mode ``mean``, the offsets ending with the last
+    bag's end) beside a plain embedding, under a small MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.bags = nn.EmbeddingBag(100, 24, mode="mean", include_last_offset=True)
+        self.embed = nn.Embedding(30, 24)
+        self.mlp = nn.Sequential(nn.Linear(48, 64), nn.SiLU(), nn.Linear(64, 2))
+
+    def forward(self, idx, offsets, categories, labels):
+        features = torch.cat([self.bags(idx, offsets), self.embed(categories)], -1)
+        return F.cross_entropy(self.mlp(features), labels)
+
+
+@pytest.mark.parametrize("budget", [0.7, 0.4])
+def test_embedding_bag_outputs_count_what_their_kernel_allocates(budget):
+    """On the CPU, ``_embedding_bag`` allocates its offset2bag and (with the last offset included) its
+    bag sizes one element longer than their fake values say: the prediction counts the storage the saved
+    tensors hold (it was 16 bytes short)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = (
+        torch.randint(0, 100, (60,), generator=generator),
+        torch.tensor([0, 10, 25, 40, 41, 50, 60]),
+        torch.randint(0, 30, (6,), generator=generator),
+        torch.randint(0, 2, (6,), generator=generator),
+    )
+    _assert_planned_within(budget, BagsOfEmbeddings, inputs)
+
+
 class CayleyOrthogonal(nn.Module):
     """A weight kept orthogonal by the Cayley map, through ``torch.linalg.solve``: its error check is an
     effectful op, so the joint graph starts with an effect token."""
