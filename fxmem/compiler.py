@@ -20,6 +20,7 @@ from fxmem.config import FxmemConfig
 from fxmem.decompositions import eager_decompositions
 from fxmem.partitioner import FxmemPartitioner
 from fxmem.report import GraphReport
+from fxmem.rng import replayed_devices, restoring_generators
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,17 @@ def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: Fxmem
     def run_graph(graph_module: fx.GraphModule, _inputs: Any) -> Any:
         return _compat.boxed_graph_function(graph_module)
 
+    def run_backward(graph_module: fx.GraphModule, _inputs: Any) -> Any:
+        run = _compat.boxed_graph_function(graph_module)
+        devices = replayed_devices(graph_module)
+        return restoring_generators(run, devices) if devices else run
+
     def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
         return partitioner(_compat.inductor_joint_graph_passes(joint), joint_inputs, **kwargs)
 
     return _compat.aot_autograd(
         fw_compiler=run_graph,
-        bw_compiler=run_graph,
+        bw_compiler=run_backward,
         partition_fn=partition,
         decompositions=eager_decompositions(),
         # as Inductor asks: the forward's buffer updates stay in the graph (in training too), so that

@@ -34,6 +34,7 @@ from fxmem.memory import outside_graph_bytes, predicted_saved_bytes, read_by_bac
 from fxmem.planner import PlanningInputs, build_problem, keep_thresholds_exact
 from fxmem.report import GraphReport, record_report, tensor_rows
 from fxmem.rewrite import save_inputs_in_place, split
+from fxmem.rng import make_draws_replayable
 from fxmem.simulate import Timeline, simulate
 from fxmem.solve import Plan, get_solver
 
@@ -262,6 +263,8 @@ def _attempt(
     t = time.perf_counter()
     _compat.force_save(gm)
     joint = capture(gm, num_fwd_outputs, static)
+    if config.codegen == "eager" and make_draws_replayable(joint):
+        joint = capture(gm, num_fwd_outputs, static)
     report.add_pass("capture", t, f"{len(joint.forward)} forward nodes, {len(joint.required)} read by the backward")
 
     t = time.perf_counter()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fxmem.rng import generator_state
 from fxmem.solve.problem import Decision
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ log = logging.getLogger("fxmem")
 _REPORTS: list[GraphReport] = []
 BACKWARD_ONLY_REASON = "only the backward reads it: computed there instead of in the forward"
 EXACT_REASON = "a comparison, index or step, held: recomputing it from a quantized copy could flip it"
+SNAPSHOT_REASON = "the random generator's state before a draw: held so that the backward can replay the draw"
 
 
 @dataclass
@@ -108,13 +111,14 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
             stored = solver_node.save_bytes
         elif decision.kind == "quantize":
             stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
-        reason = _reason(
-            decision.kind, facts, solver_node, decision.fmt, problem, plan.saved, exact=node.name in inputs.exact
-        )
+        exact = node.name in inputs.exact
+        reason = _reason(decision.kind, facts, solver_node, decision.fmt, problem, plan.saved, exact=exact)
+        if node.target is generator_state:
+            reason = SNAPSHOT_REASON
         rows.append(
             TensorRow(
                 name=node.name,
-                op=str(node.target),
+                op=_op_label(node.target),
                 kind=facts.kind,
                 shape=tuple(str(d) for d in tensor.shape) if tensor else (),
                 dtype=str(tensor.dtype).removeprefix("torch.") if tensor else "-",
@@ -132,6 +136,13 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
         )
     _link_rows(joint, rows)
     return rows
+
+
+def _op_label(target: Any) -> str:
+    """An op as torch prints it (``aten.add.Tensor``); a function of fxmem's as its qualified name."""
+    if isinstance(target, types.FunctionType):
+        return f"{target.__module__}.{target.__qualname__}"
+    return str(target)
 
 
 def _alternatives(node: Any) -> dict[str, tuple[int, float]]:

@@ -1,0 +1,118 @@
+"""The eager codegen replays random draws in the backward from a snapshot of the generator state, instead
+of holding the draws (or masks made from them): the same numbers as eager PyTorch, and the generator
+left where eager PyTorch leaves it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxmem
+from fxmem.rng import draw_from_state, generator_state
+from tests.helpers import measure_saved_bytes, params_and_buffers, planned_reports, rel_err
+
+# Decomposed ops round differently from eager's fused kernels.
+EAGER_TOL = 1e-5
+SEEDS = (1, 2)
+
+
+class NoisyDropoutNet(torch.nn.Module):
+    """Dropout masks, Gaussian noise and Gumbel noise, each of 256 x 256 elements: a bit-packed mask holds
+    8,192 bytes, a float draw 262,144, a CPU generator state 5,056."""
+
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(64, width)
+        self.second = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, 10)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.nn.functional.gelu(self.first(x)))
+        h = h + 0.1 * torch.randn_like(h)
+        logits = self.second(h)
+        gumbel = -torch.empty_like(logits).exponential_().log()
+        h = self.drop(torch.softmax((logits + gumbel) / 0.5, dim=-1))
+        return self.head(h).square().mean()
+
+
+def _case(device: str = "cpu") -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return NoisyDropoutNet().to(device), torch.randn(256, 64, device=device)
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, fn, seed: int):
+    """One step from ``seed``: loss, gradients, saved bytes, the saved tensors, and the next number the
+    generator draws after the backward."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    seen: list[torch.Tensor] = []
+    loss, saved = measure_saved_bytes(fn, x, exclude=params_and_buffers(model), on_save=seen.append)
+    loss.backward()
+    after = torch.rand(4, device=x.device)
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], saved, seen, after
+
+
+def _check_against_eager(device: str, options: dict, **compile_kwargs) -> list:
+    model, x = _case(device)
+    eager = {seed: _step(model, x, model, seed) for seed in SEEDS}
+    assert not torch.equal(eager[SEEDS[0]][0], eager[SEEDS[1]][0])  # the seeds give other draws
+    backend = fxmem.backend(codegen="eager", **options)
+    compiled = torch.compile(model, backend=backend, **compile_kwargs)
+    steps = []
+    for seed in SEEDS:
+        step = _step(model, x, compiled, seed)
+        loss_ref, grads_ref, _, _, after_ref = eager[seed]
+        assert rel_err(step[0], loss_ref) <= EAGER_TOL
+        assert rel_err(step[1], grads_ref) <= EAGER_TOL
+        assert torch.equal(step[4], after_ref)  # the backward's replays left the generator as eager does
+        steps.append(step)
+    (report,) = planned_reports(backend, 1)
+    for step in steps:
+        assert step[2] == report.predicted_saved_bytes
+    return steps
+
+
+@pytest.mark.parametrize("budget", [None, 0.4, 0.1])
+def test_replayed_draws_give_eager_numbers(budget):
+    _check_against_eager("cpu", {"memory_budget": budget, "on_infeasible": "best_effort"})
+
+
+def test_a_tight_budget_holds_generator_states_instead_of_draws():
+    _, _, saved, seen, _ = _check_against_eager("cpu", {"memory_budget": 0.1, "on_infeasible": "best_effort"})[0]
+    state_bytes = generator_state(torch.device("cpu")).numel()
+    activations = [t for t in seen if not isinstance(t, torch.nn.Parameter)]
+    states = [t for t in activations if t.dtype == torch.uint8 and t.numel() == state_bytes]
+    assert len(states) >= 2
+    # Neither float draw is held (262,144 bytes each), nor anything computed from them alone.
+    assert not [t for t in activations if t.dtype == torch.float32 and t.shape == (256, 256)]
+    assert saved < 2 * 4 * 256 * 256
+
+
+def test_the_report_names_the_snapshots():
+    model, x = _case()
+    report = fxmem.inspect(model, x, memory_budget=0.1, codegen="eager", on_infeasible="best_effort")
+    snapshots = [row for row in report.graphs[0].rows if row.op == "fxmem.rng.generator_state"]
+    assert snapshots and all(row.decision == "keep" and "replay" in row.reason for row in snapshots)
+
+
+def test_dynamic_shapes_replay_with_the_inputs_they_read():
+    # Under dynamic shapes a draw's layout is symbolic: the replay reads the input it was shaped like.
+    _check_against_eager("cpu", {"memory_budget": 0.1, "on_infeasible": "best_effort"}, dynamic=True)
+
+
+def test_a_replay_leaves_the_generator_where_its_draw_does():
+    x = torch.empty(1000)
+    state = torch.get_rng_state()
+    first = torch.ops.aten.bernoulli.p(x, 0.5)
+    after = torch.get_rng_state()
+    torch.rand(3)
+    again = draw_from_state(state, torch.device("cpu"), torch.ops.aten.bernoulli.p, x, 0.5)
+    assert torch.equal(first, again)
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_replayed_draws_give_eager_numbers_on_cuda():
+    _check_against_eager("cuda", {"memory_budget": 0.1, "on_infeasible": "best_effort"})
