@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
@@ -37,6 +38,8 @@ from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import is_sym_node, make_fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.multiprocessing.reductions import StorageWeakRef
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CustomPartitionerFn",
@@ -115,9 +118,12 @@ def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
     matmul: there they fuse hand-written attention into one attention op, which changes what the default
     saves; elsewhere they changed no default's bytes on the models tried, and matching them is slow.
     Without its swap of random ops for Inductor's (the eager codegen draws eager's numbers). Off where
-    Inductor's ``use_joint_graph_passes`` is off."""
+    Inductor's ``use_joint_graph_passes`` is off. Where a rewrite fails (torch 2.13 on ``x[randperm(n)]``,
+    pytorch/pytorch#183988), the graph is planned without the rewrites rather than the compile failing:
+    a WARNING says so."""
     from torch._inductor import config
     from torch._inductor.fx_passes import joint_graph
+    from torch._inductor.pattern_matcher import stable_topological_sort
 
     if not getattr(config, "use_joint_graph_passes", True):
         return gm
@@ -130,8 +136,18 @@ def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
     patterns = batched_matmul and config.pattern_matcher
     # Without the rewrites, their pattern tables need not load: 0.3-0.4 s of a first call in a fresh process.
     tables = contextlib.nullcontext() if patterns else mock.patch.object(joint_graph, "lazy_init", lambda *a, **k: None)
-    with config.patch(fallback_random=True, pattern_matcher=patterns), tables:
-        out = joint_graph.joint_graph_passes(gm, **kwargs)
+    try:
+        with config.patch(fallback_random=True, pattern_matcher=patterns), tables:
+            out = joint_graph.joint_graph_passes(gm, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the rewrites are optional; the plan is not
+        if not patterns:
+            raise
+        log.warning("fxmem: Inductor's joint-graph pattern rewrites failed, planning without them: %s", err)
+        with config.patch(fallback_random=True, pattern_matcher=False):
+            out = joint_graph.joint_graph_passes(gm, **kwargs)
+        stable_topological_sort(gm.graph)  # (rewrites applied before the failure may have left nodes out of order)
+        gm.graph.lint()
+        gm.recompile()
     return gm if out is None else out
 
 

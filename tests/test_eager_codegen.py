@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 
 import pytest
 import torch
 
 import fxmem
 from fxmem.bench.measure import allocated_peak
-from tests.helpers import build, planned_reports, rel_err, run_step
+from tests.helpers import build, fxmem_warnings, planned_reports, rel_err, run_step
 from tests.test_architectures import GroupNormConv, HandWrittenAttention, hand_written_attention_inputs
 
 # Decomposed ops round differently from eager's fused kernels.
@@ -110,6 +111,59 @@ def test_pattern_tables_load_only_for_graphs_whose_rewrites_run(case, loads, mon
     model, inputs = case()
     run_step(model, inputs, fxmem.backend(memory_budget=BUDGET, codegen="eager"))
     assert bool(calls) == loads
+
+
+class _ShuffledAttention(torch.nn.Module):
+    """Attention over a batch mixed with a shuffled copy of itself (``x[randperm(n)]``): on torch 2.13
+    Inductor's joint-graph rewrites fail on the indexing (pytorch/pytorch#183988)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(16, 48), torch.nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = 0.7 * x + 0.3 * x[torch.randperm(x.shape[0])]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attended = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
+        return self.out(attended).square().mean()
+
+
+def _matches_eager_under_a_seed(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], backend) -> None:
+    expected = run_step(copy.deepcopy(model), inputs, seed=3)
+    got = run_step(model, inputs, backend, seed=3)
+    assert rel_err(got[0], expected[0]) <= EAGER_TOL
+    assert rel_err(got[1], expected[1]) <= EAGER_TOL
+
+
+def test_a_model_whose_rewrites_fail_is_planned_without_them():
+    torch.manual_seed(0)
+    backend = fxmem.backend(memory_budget=BUDGET, codegen="eager")
+    _matches_eager_under_a_seed(_ShuffledAttention(), (torch.randn(6, 5, 16),), backend)
+    (report,) = planned_reports(backend, 1)
+    assert report.fallback_reason is None
+
+
+def test_a_failing_rewrite_warns_and_the_graph_is_planned_without_the_rewrites(monkeypatch, caplog):
+    """Any failure of Inductor's pattern rewrites, on any torch: the passes run again without them."""
+    from torch._inductor import config
+    from torch._inductor.fx_passes import joint_graph
+
+    passes = joint_graph.joint_graph_passes
+
+    def failing_with_patterns(gm, *args, **kwargs):
+        if config.pattern_matcher:
+            raise RuntimeError("a rewrite failed")
+        return passes(gm, *args, **kwargs)
+
+    monkeypatch.setattr(joint_graph, "joint_graph_passes", failing_with_patterns)
+    torch.manual_seed(0)
+    backend = fxmem.backend(memory_budget=BUDGET, codegen="eager")
+    with caplog.at_level(logging.WARNING, logger="fxmem"):
+        _matches_eager_under_a_seed(HandWrittenAttention(), hand_written_attention_inputs(), backend)
+    (warning,) = fxmem_warnings(caplog.records)
+    assert "pattern rewrites failed, planning without them: a rewrite failed" in warning.getMessage()
+    (report,) = planned_reports(backend, 1)
+    assert report.fallback_reason is None
 
 
 @pytest.mark.parametrize("variant", ["affine", "no-affine", "no-running-stats", "batchnorm1d", "eval", "channels-last"])
