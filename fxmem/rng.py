@@ -79,21 +79,23 @@ def make_draws_replayable(joint: JointGraph) -> bool:
     changed = False
     for node in joint.forward:
         facts = joint.facts[node]
+        if facts.kind != "random" or facts.backward_only or node.target is generator_state:
+            continue
         val = node.meta.get("val")
-        if facts.kind != "random" or facts.backward_only or not isinstance(val, torch.Tensor):
+        values = list(val) if isinstance(val, (list, tuple)) else [val]  # (an op of several outputs: RReLU's)
+        if not values or not all(isinstance(v, torch.Tensor) and v.device == values[0].device for v in values):
             continue
-        if node.target is generator_state:
-            continue
-        if val.device.type not in _DEVICE_TYPES or argument(node, "generator") is not None:
+        device = values[0].device
+        if device.type not in _DEVICE_TYPES or argument(node, "generator") is not None:
             continue
         with graph.inserting_before(node):
-            state = graph.call_function(generator_state, (val.device,))
-            state.meta["val"] = _fake_state(val)
+            state = graph.call_function(generator_state, (device,))
+            state.meta["val"] = _fake_state(values[0])
             layout = _static_layout(val) if node.target in _LAYOUT_ONLY_INPUT else None
             if layout is None:
-                draw = graph.call_function(draw_from_state, (state, val.device, node.target, *node.args), node.kwargs)
+                draw = graph.call_function(draw_from_state, (state, device, node.target, *node.args), node.kwargs)
             else:
-                args = (state, val.device, node.target, *layout, *node.args[1:])
+                args = (state, device, node.target, *layout, *node.args[1:])
                 draw = graph.call_function(draw_like_from_state, args, node.kwargs)
         draw.meta = dict(node.meta)
         node.replace_all_uses_with(draw)

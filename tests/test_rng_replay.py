@@ -36,9 +36,20 @@ class NoisyDropoutNet(torch.nn.Module):
         return self.head(h).square().mean()
 
 
-def _case(device: str = "cpu") -> tuple[torch.nn.Module, torch.Tensor]:
+class WideRReLUNet(torch.nn.Module):
+    """RReLU in training: one op drawing its noise and returning the output and the noise, 256 x 256 each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(64, 256), torch.nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.nn.functional.rrelu(self.first(x), training=True)).square().mean()
+
+
+def _case(device: str = "cpu", net: type[torch.nn.Module] = NoisyDropoutNet) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    return NoisyDropoutNet().to(device), torch.randn(256, 64, device=device)
+    return net().to(device), torch.randn(256, 64, device=device)
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, fn, seed: int):
@@ -53,8 +64,8 @@ def _step(model: torch.nn.Module, x: torch.Tensor, fn, seed: int):
     return loss.detach(), [p.grad.clone() for p in model.parameters()], saved, seen, after
 
 
-def _check_against_eager(device: str, options: dict, **compile_kwargs) -> list:
-    model, x = _case(device)
+def _check_against_eager(device: str, options: dict, net=NoisyDropoutNet, **compile_kwargs) -> list:
+    model, x = _case(device, net)
     eager = {seed: _step(model, x, model, seed) for seed in SEEDS}
     assert not torch.equal(eager[SEEDS[0]][0], eager[SEEDS[1]][0])  # the seeds give other draws
     backend = fxmem.backend(codegen="eager", **options)
@@ -87,6 +98,14 @@ def test_a_tight_budget_holds_generator_states_instead_of_draws():
     # Neither float draw is held (262,144 bytes each), nor anything computed from them alone.
     assert not [t for t in activations if t.dtype == torch.float32 and t.shape == (256, 256)]
     assert saved < 2 * 4 * 256 * 256
+
+
+def test_an_op_of_several_outputs_is_replayed_whole():
+    options = {"memory_budget": 0.1, "on_infeasible": "best_effort"}
+    _, _, saved, seen, _ = _check_against_eager("cpu", options, net=WideRReLUNet)[0]
+    activations = [t for t in seen if not isinstance(t, torch.nn.Parameter)]
+    assert not [t for t in activations if t.shape == (256, 256)]  # neither RReLU's output nor its noise
+    assert saved < 4 * 256 * 256
 
 
 def test_the_report_names_the_snapshots():
