@@ -26,6 +26,7 @@ from fxmem.inspection import SCHEMA_VERSION, Report, UnknownTensorError, inspect
 from fxmem.inspection.logs import configure_logging_from_env
 from fxmem.inspection.schema import GRAPH_KEYS, TENSOR_KEYS
 from fxmem.inspection.text import FORMAT_BITS, dtype_bits
+from tests.test_rng_replay import RReLUNet
 
 FACTORIES = {"gpt": models.gpt.tiny, "mlp": models.mlp.tiny}
 OPTIONS = {
@@ -274,21 +275,10 @@ def test_log_level_from_env():
         logger.setLevel(level)
 
 
-class _RReLUNet(torch.nn.Module):
-    """RReLU in training returns its output and its random noise as one tuple."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first, self.second = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(torch.nn.functional.rrelu(self.first(x), training=True)).square().mean()
-
-
 def test_held_outputs_of_a_replayable_random_op_say_what_a_replay_would_hold():
     """The eager codegen can replay RReLU from a snapshot of the generator state; its 256-byte outputs
     cost less to hold than the snapshot, and their reasons say so."""
-    report = inspect(_RReLUNet(), torch.randn(4, 8), memory_budget=0.1, on_infeasible="best_effort")
+    report = inspect(RReLUNet(8, 16, 1), torch.randn(4, 8), memory_budget=0.1, on_infeasible="best_effort")
     held = [row for row in report.graphs[0].rows if row.kind == "getitem" and row.decision == "keep"]
     assert len(held) == 2
     state = torch.get_rng_state().numel()
@@ -301,7 +291,7 @@ def test_a_held_output_of_a_random_multi_output_op_says_why(monkeypatch):
     own), RReLU's tuple can be neither held nor recomputed: each output is held, and its reason names the
     op rather than the time it would cost."""
     monkeypatch.setattr(fxmem.rng, "_DEVICE_TYPES", ())
-    report = inspect(_RReLUNet(), torch.randn(4, 8), memory_budget=0.1, on_infeasible="best_effort")
+    report = inspect(RReLUNet(8, 16, 1), torch.randn(4, 8), memory_budget=0.1, on_infeasible="best_effort")
     held = [row for row in report.graphs[0].rows if row.kind == "getitem" and row.decision == "keep"]
     assert len(held) == 2
     for row in held:
