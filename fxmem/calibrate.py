@@ -75,9 +75,15 @@ def _measure(device: torch.device) -> DeviceProfile:
         src = torch.empty(numel, device=device)
         dst = torch.empty_like(src)
         bandwidth = 2 * 4 * numel / _best_time(functools.partial(dst.copy_, src), device)  # read + write
-    profile = DeviceProfile(f"calibrated-{device}", flops, bandwidth)
+        draws_per_s = math.inf  # a GPU's generator keeps up with writing the numbers
+        if device.type == "cpu":  # a dropout mask's draw, from a generator of its own
+            mask = dst[: numel // 16]
+            draw = functools.partial(mask.bernoulli_, 0.5, generator=generator)
+            draws_per_s = mask.numel() / _best_time(draw, device)
+    profile = DeviceProfile(f"calibrated-{device}", flops, bandwidth, draws_per_s)
     log.info(
-        "fxmem: calibrated %s in %.2fs: %s, %.3g B/s",
+        "fxmem: calibrated %s in %.2fs: %s, %.3g B/s, %.3g random numbers/s",
         device, time.perf_counter() - started, ", ".join(f"{k} {v:.3g} FLOP/s" for k, v in flops.items()), bandwidth,
+        draws_per_s,
     )  # fmt: skip
     return profile

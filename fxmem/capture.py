@@ -23,6 +23,8 @@ from fxmem import _compat
 from fxmem.memory import argument, storage_key, view_source
 
 RANDOM_TAG = torch.Tag.nondeterministic_seeded
+# Set in a node's meta by ``fxmem.rng`` on a draw it made replayable: the random numbers it draws.
+REPLAYED_DRAW = "fxmem_replayed_draw"
 _MATMUL_OPS = {
     "mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
@@ -77,6 +79,7 @@ class NodeFacts:
     sign_read: bool  # a ReLU's output: its backward reads the sign, which quantization must keep
     user_policy: str | None  # a torch.utils.checkpoint policy name, when the user annotated the node
     backward_only: bool = False  # no forward output depends on it: only the backward reads it
+    draws: int = 0  # random numbers a replayed draw makes (``REPLAYED_DRAW``), which cost time of their own
 
 
 @dataclass
@@ -452,4 +455,5 @@ def _node_facts(
         norm_input=None,
         sign_read=op_name(node) in ("relu", "threshold"),
         user_policy=policy_name,
+        draws=node.meta.get(REPLAYED_DRAW, 0),
     )

@@ -9,6 +9,7 @@ Register another with ``@register_cost_model("name")`` on a ``CostModel`` subcla
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,11 +21,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DeviceProfile:
     """Peak dense FLOP/s by dtype and memory bandwidth in bytes/s: vendor figures derated ~25% in
-    ``PROFILES``, measured on the device with ``calibrate=True`` (``fxmem.calibrate``)."""
+    ``PROFILES``, measured on the device with ``calibrate=True`` (``fxmem.calibrate``). ``draws_per_s``:
+    random numbers the default generator makes per second, where that is slower than writing them (a
+    CPU's: a dropout mask's draw took 7 ns per element, 100 times an add's; a GPU's keeps up with memory)."""
 
     name: str
     flops: dict[str, float]
     bandwidth: float
+    draws_per_s: float = math.inf
 
     def peak_flops(self, dtype: torch.dtype | None) -> float:
         key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
@@ -36,7 +40,7 @@ PROFILES: dict[str, DeviceProfile] = {
     "h200": DeviceProfile("h200", {"bf16": 740e12, "fp16": 740e12, "fp32": 370e12}, 3.6e12),
     "a100": DeviceProfile("a100", {"bf16": 234e12, "fp16": 234e12, "fp32": 117e12}, 1.5e12),
     # fp32 on GPUs assumes TF32 matmuls; the CPU figure is a few cores of AVX2.
-    "cpu": DeviceProfile("cpu", {"bf16": 2e11, "fp16": 2e11, "fp32": 2e11}, 2e10),
+    "cpu": DeviceProfile("cpu", {"bf16": 2e11, "fp16": 2e11, "fp32": 2e11}, 2e10, draws_per_s=1.5e8),
 }
 
 
@@ -79,6 +83,10 @@ class CostModel:
 
     def node_time(self, flops: float, bytes_moved: float, dtype: torch.dtype | None) -> float:
         raise NotImplementedError
+
+    def draw_time(self, numbers: int) -> float:
+        """What drawing ``numbers`` random numbers adds to an op's time (a replayed draw)."""
+        return numbers / self.profile.draws_per_s
 
     def recompute_time(self, kind: str, own_time: float) -> float:
         raise NotImplementedError

@@ -80,7 +80,7 @@ def build_problem(
             continue
         tensor = facts.tensor
         dtype = tensor.dtype if tensor else None
-        own = cost.node_time(facts.flops, facts.bytes_moved, dtype)
+        own = cost.node_time(facts.flops, facts.bytes_moved, dtype) + cost.draw_time(facts.draws)
         forward_s += own
         static = tensor is None or tensor.storage_owner in owners_static
         held = 0 if static else tensor.nbytes  # Inductor saves no copy of it (save_inputs_in_place)

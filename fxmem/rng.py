@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxmem import _compat
-from fxmem.capture import JointGraph
+from fxmem.capture import REPLAYED_DRAW, JointGraph
 from fxmem.memory import argument
 
 aten = torch.ops.aten
@@ -97,7 +97,7 @@ def make_draws_replayable(joint: JointGraph) -> bool:
             else:
                 args = (state, device, node.target, *layout, *node.args[1:])
                 draw = graph.call_function(draw_like_from_state, args, node.kwargs)
-        draw.meta = dict(node.meta)
+        draw.meta = {**node.meta, REPLAYED_DRAW: sum(_compat.hint(v.numel()) for v in values)}
         node.replace_all_uses_with(draw)
         graph.erase_node(node)
         changed = True

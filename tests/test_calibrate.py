@@ -55,12 +55,13 @@ def test_measured_once_per_device(monkeypatch):
 
     monkeypatch.setattr(calibrate, "_best_time", fake_time)
     first = calibrated_profile(None)
-    assert len(calls) == 4  # a matmul per dtype and a copy
+    assert len(calls) == 5  # a matmul per dtype, a copy and (on the CPU) a draw
     assert calibrated_profile(torch.device("cpu")) is first
-    assert len(calls) == 4
+    assert len(calls) == 5
     n = calibrate._MATMUL_SIZE["cpu"]
     assert first.flops["fp32"] == pytest.approx(2 * n**3 / 1e-3)
     assert first.bandwidth == pytest.approx(2 * calibrate._COPY_BYTES["cpu"] / 1e-3)
+    assert first.draws_per_s == pytest.approx(calibrate._COPY_BYTES["cpu"] / 4 / 16 / 1e-3)
 
 
 def test_calibration_times_real_tensors_under_fake_mode_and_leaves_the_rng_alone(monkeypatch):
@@ -75,6 +76,7 @@ def test_calibration_times_real_tensors_under_fake_mode_and_leaves_the_rng_alone
     with FakeTensorMode():  # as inside the partitioner
         profile = calibrated_profile(torch.device("cpu"))
     _assert_sane(profile, (1e8, 1e14), (1e8, 1e13))
+    assert 1e6 < profile.draws_per_s < 1e11  # a CPU's generator: slower than its memory
     assert torch.equal(torch.get_rng_state(), rng)
 
 

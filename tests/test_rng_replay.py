@@ -4,10 +4,14 @@ left where eager PyTorch leaves it."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
 import fxmem
+from fxmem.cost import PROFILES
 from fxmem.rng import draw_from_state, generator_state
 from tests.helpers import measure_saved_bytes, params_and_buffers, planned_reports, rel_err
 
@@ -106,6 +110,22 @@ def test_an_op_of_several_outputs_is_replayed_whole():
     activations = [t for t in seen if not isinstance(t, torch.nn.Parameter)]
     assert not [t for t in activations if t.shape == (256, 256)]  # neither RReLU's output nor its noise
     assert saved < 4 * 256 * 256
+
+
+def _snapshots_held(options: dict) -> list:
+    model, x = _case()
+    report = fxmem.inspect(model, x, codegen="eager", on_infeasible="best_effort", **options)
+    return [row for row in report.graphs[0].rows if row.op == "fxmem.rng.generator_state"]
+
+
+def test_without_a_budget_draws_that_cost_time_are_held(monkeypatch):
+    """A CPU draws a random number far slower than it writes one (``draws_per_s``): without a budget
+    (hold what costs little time to avoid) the plan holds the draws; with a generator as fast as its
+    memory it would replay them."""
+    assert not _snapshots_held({"memory_budget": None})
+    assert _snapshots_held({"memory_budget": 0.1})
+    monkeypatch.setitem(PROFILES, "cpu", dataclasses.replace(PROFILES["cpu"], draws_per_s=math.inf))
+    assert _snapshots_held({"memory_budget": None})
 
 
 def test_the_report_names_the_snapshots():
