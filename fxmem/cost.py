@@ -23,7 +23,8 @@ class DeviceProfile:
     """Peak dense FLOP/s by dtype and memory bandwidth in bytes/s: vendor figures derated ~25% in
     ``PROFILES``, measured on the device with ``calibrate=True`` (``fxmem.calibrate``). ``draws_per_s``:
     random numbers the default generator makes per second, where that is slower than writing them (a
-    CPU's: a dropout mask's draw took 7 ns per element, 100 times an add's; a GPU's keeps up with memory)."""
+    CPU's: on a 2-core CPU a dropout mask's draw took 7 ns per element, 100 times an add's; a GPU's keeps
+    up with memory)."""
 
     name: str
     flops: dict[str, float]
