@@ -33,6 +33,7 @@ from torch._functorch.partitioners import (
 )
 from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import is_sym_node, make_fx
@@ -154,6 +155,12 @@ def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
 def tensor_metadata(val: torch.Tensor) -> Any:
     """The ``tensor_meta`` that ``make_fx`` records for a node whose value is ``val``."""
     return _extract_tensor_metadata(val)
+
+
+def memory_order(t: torch.Tensor) -> list[int]:
+    """``t``'s dims from outermost to innermost in the layout ``torch.empty_like(t)`` gives (``t``'s own
+    where it is dense, else its order of strides), answered for any size under symbolic strides."""
+    return compute_elementwise_output_logical_to_physical_perm(t)[0]
 
 
 def trace_with_decompositions(fn: Any, args: Any) -> fx.GraphModule:

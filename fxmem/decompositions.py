@@ -90,9 +90,14 @@ KEPT_WHOLE = tuple(_KEEP_WHOLE)
 def _native_dropout(input: torch.Tensor, p: float, train: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dropout as a random mask and a pointwise product: the backward can then recompute the output from
     the saved mask. Draws the same numbers as the eager kernel (``bernoulli_`` with the keep probability
-    on a tensor shaped like the input)."""
+    on a tensor laid out like the input)."""
     if train is not None and not train:
         return input.clone(), torch.ones_like(input, dtype=torch.bool)
     keep = 1.0 - p
-    mask = torch.bernoulli(input, keep).to(torch.bool)
+    order = _compat.memory_order(input)
+    if order == list(range(input.dim())):
+        mask = torch.bernoulli(input, keep)
+    else:  # eager draws into ``empty_like(input)``, and a CPU draw fills memory in order, not index order
+        mask = torch.bernoulli(input.permute(order), keep).permute([order.index(d) for d in range(input.dim())])
+    mask = mask.to(torch.bool)
     return input * mask * (1.0 / keep if keep > 0 else 0.0), mask

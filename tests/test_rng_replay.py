@@ -51,6 +51,22 @@ class RReLUNet(torch.nn.Module):
         return self.second(torch.nn.functional.rrelu(self.first(x), training=True)).square().mean()
 
 
+class LayoutDropoutNet(torch.nn.Module):
+    """Dropout on a transposed and on a channels-last view: eager draws each mask in the view's memory
+    order (into ``empty_like``), not in index order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 10)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        transposed = self.drop(h.view(256, 8, 8).transpose(1, 2))
+        channels_last = self.drop(h.view(16, 8, 8, 16).permute(0, 3, 1, 2))
+        return self.second(transposed.reshape(256, 64)).square().mean() + channels_last.square().mean()
+
+
 def _case(device: str = "cpu", net: type[torch.nn.Module] = NoisyDropoutNet) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     return net().to(device), torch.randn(256, 64, device=device)
@@ -110,6 +126,11 @@ def test_an_op_of_several_outputs_is_replayed_whole():
     activations = [t for t in seen if not isinstance(t, torch.nn.Parameter)]
     assert not [t for t in activations if t.shape == (256, 256)]  # neither RReLU's output nor its noise
     assert saved < 4 * 256 * 256
+
+
+@pytest.mark.parametrize("budget", [None, 0.1])
+def test_dropout_on_views_laid_out_otherwise_gives_eager_masks(budget):
+    _check_against_eager("cpu", {"memory_budget": budget, "on_infeasible": "best_effort"}, net=LayoutDropoutNet)
 
 
 def _snapshots_held(options: dict) -> list:
