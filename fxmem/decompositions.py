@@ -22,6 +22,9 @@ from fxmem import _compat
 
 aten = torch.ops.aten
 
+# Devices whose dropout kernel draws its mask its own way (CUDA's is fused, from Philox offsets of its
+# own), so a ``bernoulli`` mask would not be eager's: there dropout stays one op, held or replayed whole.
+_FUSED_DROPOUT_DEVICES = ("cuda",)
 # A norm's backward stays one op only where each of its statistics covers at least this many elements
 # (a channel for batch norm, a group of a sample for group norm): they are then at most 2/128 of its input.
 _WHOLE_NORM_MIN_ELEMENTS = 128
@@ -89,8 +92,10 @@ KEPT_WHOLE = tuple(_KEEP_WHOLE)
 
 def _native_dropout(input: torch.Tensor, p: float, train: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dropout as a random mask and a pointwise product: the backward can then recompute the output from
-    the saved mask. Draws the same numbers as the eager kernel (``bernoulli_`` with the keep probability
-    on a tensor laid out like the input)."""
+    the saved mask. Draws the same numbers as the CPU kernel (``bernoulli_`` with the keep probability on
+    a tensor laid out like the input). On devices whose kernel is fused, the op as it is."""
+    if input.device.type in _FUSED_DROPOUT_DEVICES:
+        return NotImplemented  # make_fx traces it as is
     if train is not None and not train:
         return input.clone(), torch.ones_like(input, dtype=torch.bool)
     keep = 1.0 - p
