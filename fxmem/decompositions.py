@@ -92,17 +92,21 @@ KEPT_WHOLE = tuple(_KEEP_WHOLE)
 
 def _native_dropout(input: torch.Tensor, p: float, train: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dropout as a random mask and a pointwise product: the backward can then recompute the output from
-    the saved mask. Draws the same numbers as the CPU kernel (``bernoulli_`` with the keep probability on
-    a tensor laid out like the input). On devices whose kernel is fused, the op as it is."""
+    the saved mask. Draws and rounds as the CPU kernel does (``bernoulli_`` with the keep probability on a
+    tensor laid out like the input, scaled, then multiplied). On devices whose kernel is fused, the op as
+    it is."""
     if input.device.type in _FUSED_DROPOUT_DEVICES:
         return NotImplemented  # make_fx traces it as is
     if train is not None and not train:
         return input.clone(), torch.ones_like(input, dtype=torch.bool)
     keep = 1.0 - p
+    if keep == 0:  # eager zeroes the input without drawing
+        return input * 0.0, torch.zeros_like(input, dtype=torch.bool)
     order = _compat.memory_order(input)
     if order == list(range(input.dim())):
         mask = torch.bernoulli(input, keep)
     else:  # eager draws into ``empty_like(input)``, and a CPU draw fills memory in order, not index order
         mask = torch.bernoulli(input.permute(order), keep).permute([order.index(d) for d in range(input.dim())])
     mask = mask.to(torch.bool)
-    return input * mask * (1.0 / keep if keep > 0 else 0.0), mask
+    # Scaled in the input's dtype before the product, as eager scales its mask: bf16 rounds the same way.
+    return input * (mask.to(input.dtype) * (1.0 / keep)), mask

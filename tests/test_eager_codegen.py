@@ -230,6 +230,46 @@ def test_group_norm_backward_kept_whole_matches_eager(variant, whole, monkeypatc
     assert rel_err(grads, eager_grads) < EAGER_TOL
 
 
+_DROPOUT_LAYOUTS = {
+    "contiguous": lambda h: h,
+    "transposed": lambda h: h.transpose(1, 2),
+    "channels-last": lambda h: h.reshape(2, 4, 3, 8).permute(0, 3, 1, 2),
+}
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype", "p"),
+    [
+        ("transposed", torch.float32, 0.3),
+        ("channels-last", torch.float32, 0.3),
+        ("transposed", torch.bfloat16, 0.3),
+        ("contiguous", torch.float32, 1.0),
+    ],
+    ids=["transposed", "channels-last", "bf16", "p1"],
+)
+def test_dropout_draws_and_rounds_as_eager(layout, dtype, p):
+    """The eager codegen's dropout is a mask and a product; under a seed it gives eager's output exactly:
+    the mask drawn in the input's memory order, scaled in its dtype, and nothing drawn where p = 1 (the
+    draw after it shows where the generator was left)."""
+    weight = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(2, 12, 8)
+
+    def step(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = _DROPOUT_LAYOUTS[layout]((x @ weight).to(dtype))
+        out = torch.nn.functional.dropout(h, p, training=True)
+        return out.float() + torch.rand_like(out, dtype=torch.float32)
+
+    results = []
+    for fn in (step, torch.compile(step, backend=fxmem.backend(codegen="eager"))):
+        torch.manual_seed(0)
+        out = fn(x, weight)
+        (grad,) = torch.autograd.grad(out.square().sum(), weight)
+        results.append((out, grad))
+    (out_ref, grad_ref), (out, grad) = results
+    assert torch.equal(out, out_ref)
+    assert rel_err(grad, grad_ref) < EAGER_TOL
+
+
 class _Loss(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
