@@ -137,7 +137,7 @@ def test_dropout_kept_whole_as_on_cuda_is_replayed_whole(monkeypatch):
     # On CUDA dropout stays one op (its fused kernel draws its own numbers); the same path, run on the CPU.
     monkeypatch.setattr(fxmem.decompositions, "_FUSED_DROPOUT_DEVICES", ("cpu",))
     options = {"memory_budget": 0.1, "on_infeasible": "best_effort"}
-    _, _, saved, seen, _ = _check_against_eager("cpu", options, net=LayoutDropoutNet)[0]
+    seen = _check_against_eager("cpu", options, net=LayoutDropoutNet)[0][3]
     held = [t for t in seen if not isinstance(t, torch.nn.Parameter) and t.dtype in (torch.uint8, torch.bool)]
     state_bytes = generator_state(torch.device("cpu")).numel()
     # Generator states, held to replay each dropout whole; no mask (decomposed, the plan holds bit-packed ones).
