@@ -102,11 +102,15 @@ def _native_dropout(input: torch.Tensor, p: float, train: bool | None) -> tuple[
     keep = 1.0 - p
     if keep == 0:  # eager zeroes the input without drawing
         return input * 0.0, torch.zeros_like(input, dtype=torch.bool)
+    # Eager draws into ``empty_like(input)``, and a CPU draw fills memory in order, not index order: the
+    # mask is drawn contiguous in the input's memory order, then permuted to its dims. It is drawn into a
+    # new tensor, not from the input, as Inductor's ``rand`` is: a draw that reads the input made PyTorch's
+    # default partition save more (the dropout's output beside its input and mask), and the reference with it.
     order = _compat.memory_order(input)
-    if order == list(range(input.dim())):
-        mask = torch.bernoulli(input, keep)
-    else:  # eager draws into ``empty_like(input)``, and a CPU draw fills memory in order, not index order
-        mask = torch.bernoulli(input.permute(order), keep).permute([order.index(d) for d in range(input.dim())])
+    noise = torch.empty([input.shape[d] for d in order], dtype=input.dtype, device=input.device)
+    mask = torch.bernoulli(noise, keep)
+    if order != list(range(input.dim())):
+        mask = mask.permute([order.index(d) for d in range(input.dim())])
     mask = mask.to(torch.bool)
     # Scaled in the input's dtype before the product, as eager scales its mask: bf16 rounds the same way.
     return input * (mask.to(input.dtype) * (1.0 / keep)), mask
