@@ -13,9 +13,10 @@ from fxmem.config import FxmemConfig
 from fxmem.cost import CostModel
 from fxmem.quant import IntegerQuantizer, Quantizer, get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
 from fxmem.rewrite import Codec
+from fxmem.rng import draws_zeros_and_ones
 from fxmem.solve import Plan, Problem, QuantOption, SolverNode
 
-BITMASK = "bitmask"  # lossless: a saved bool tensor stored as 1 bit per element
+BITMASK = "bitmask"  # lossless: a saved bool tensor, or a Bernoulli draw of any dtype, at 1 bit per element
 # Below this many elements the scales and the extra kernels cost more than quantizing saves.
 MIN_QUANT_NUMEL = 256
 _ROW_GROUP_MAX = 1024  # the largest group of a norm input's row-aligned int8 (see _row_group)
@@ -40,8 +41,12 @@ class PlanningInputs:
 
 
 def make_codec(fmt: str, config: FxmemConfig, group_size: int | None = None, keep_sign: bool = False) -> Codec:
-    if fmt == BITMASK:
-        return Codec(BITMASK, lambda x: (pack_bool(x),), lambda p, like: unpack_bool(p[0], like.shape, like.stride()))
+    if fmt == BITMASK:  # (a draw of 0s and 1s is packed as x != 0 and unpacked to its dtype)
+        return Codec(
+            BITMASK,
+            lambda x: (pack_bool(x if x.dtype == torch.bool else x != 0),),
+            lambda p, like: unpack_bool(p[0], like.shape, like.stride()).to(like.dtype),
+        )
     group = group_size or config.group_size
     extra = {"keep_sign": True} if keep_sign else {}
     quantizer = get_quantizer(fmt, group_size=group, stochastic=config.stochastic_rounding, **extra)
@@ -92,7 +97,8 @@ def build_problem(
         options: list[QuantOption] = []
         if tensor is not None and held > 0 and tensor.dense and facts.kind not in ("view", "param"):
             numel = tensor.nbytes // tensor.dtype.itemsize
-            if tensor.dtype == torch.bool and config.codegen == "eager":
+            binary = tensor.dtype == torch.bool or (tensor.dtype.is_floating_point and draws_zeros_and_ones(node))
+            if binary and config.codegen == "eager":
                 options.append(QuantOption(BITMASK, packed_bool_bytes(numel), cost.quant_time(held, numel // 8)))
             elif tensor.dtype.is_floating_point and numel >= min_quant_numel and quantizers:
                 if facts.norm_input == "row":

@@ -36,6 +36,8 @@ _LAYOUT_ONLY_INPUT = {
         ("cauchy", "default"), ("random", "default"), ("random", "from"), ("random", "to"),
     )
 } - {None}  # fmt: skip
+# Random ops whose every value is 0 or 1 (in whatever dtype they draw): lossless as a bitmask.
+_BINARY_DRAWS = (aten.bernoulli.default, aten.bernoulli.p, aten.bernoulli.Tensor)
 
 
 def generator_state(device: torch.device) -> torch.Tensor:
@@ -118,6 +120,12 @@ def _static_layout(val: torch.Tensor) -> tuple[list[int], list[int], torch.dtype
     if not all(isinstance(d, int) for d in (*val.shape, *val.stride())):
         return None
     return list(val.shape), list(val.stride()), val.dtype
+
+
+def draws_zeros_and_ones(node: fx.Node) -> bool:
+    """Whether ``node`` is a Bernoulli draw, as it stands or replayed: each of its values is 0 or 1."""
+    replayed = node.target in (draw_from_state, draw_like_from_state)
+    return (node.args[2] if replayed else node.target) in _BINARY_DRAWS
 
 
 def replayed_devices(gm: fx.GraphModule) -> list[torch.device]:

@@ -12,6 +12,7 @@ import torch
 
 import fxmem
 from fxmem.cost import PROFILES
+from fxmem.planner import BITMASK, make_codec
 from fxmem.rng import draw_from_state, generator_state
 from tests.helpers import measure_saved_bytes, params_and_buffers, planned_reports, rel_err
 
@@ -65,6 +66,21 @@ class LayoutDropoutNet(torch.nn.Module):
         transposed = self.drop(h.view(256, 8, 8).transpose(1, 2))
         channels_last = self.drop(h.view(16, 8, 8, 16).permute(0, 3, 1, 2))
         return self.second(transposed.reshape(256, 64)).square().mean() + channels_last.square().mean()
+
+
+class BernoulliMaskNet(torch.nn.Module):
+    """Masks drawn as floats of 0s and 1s (``torch.bernoulli``), each of 256 x 4 elements: 4,096 bytes,
+    less than a CPU generator state, so held rather than replayed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(64, 4), torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        keep = torch.bernoulli(torch.full_like(h, 0.7))
+        drop = torch.empty_like(h).bernoulli_(0.6)
+        return self.second(h * keep + h * drop).square().mean()
 
 
 def _case(device: str = "cpu", net: type[torch.nn.Module] = NoisyDropoutNet) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -142,6 +158,23 @@ def test_dropout_kept_whole_as_on_cuda_is_replayed_whole(monkeypatch):
     state_bytes = generator_state(torch.device("cpu")).numel()
     # Generator states, held to replay each dropout whole; no mask (decomposed, the plan holds bit-packed ones).
     assert held and all(t.dtype == torch.uint8 and t.numel() == state_bytes for t in held)
+
+
+def test_bernoulli_draws_are_held_as_bitmasks():
+    # Each value of a Bernoulli draw is 0 or 1, so a bit per element holds it exactly, whatever its dtype.
+    options = {"memory_budget": 0.1, "on_infeasible": "best_effort"}
+    seen = _check_against_eager("cpu", options, net=BernoulliMaskNet)[0][3]
+    activations = [t for t in seen if not isinstance(t, torch.nn.Parameter)]
+    assert not [t for t in activations if t.dtype == torch.float32 and t.numel() == 256 * 4]
+    assert len([t for t in activations if t.dtype == torch.uint8 and t.numel() == 256 * 4 // 8]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.bool])
+def test_the_bitmask_codec_restores_draws_exactly(dtype):
+    codec = make_codec(BITMASK, fxmem.FxmemConfig())
+    draw = torch.bernoulli(torch.full((6, 10), 0.5)).to(dtype).t()  # a transposed layout
+    restored = codec.decode(codec.encode(draw), draw)
+    assert restored.dtype == dtype and restored.stride() == draw.stride() and torch.equal(restored, draw)
 
 
 def _snapshots_held(options: dict) -> list:
