@@ -395,6 +395,22 @@ def _view_base(node: fx.Node) -> fx.Node | None:
     return view_source(source) if source is not None and node.target is operator.getitem else source
 
 
+def _smaller_than_its_generator_state(node: fx.Node, val: Any) -> bool:
+    """Whether ``node`` is a replayed draw, or a mask made from one (through a conversion or a view), that
+    takes fewer bytes than the generator state its replay needs: then holding it, in a region the user
+    prefers recomputed, holds less than recomputing it would."""
+    source = node
+    for _ in range(3):  # the draw, or what a dropout's mask is made from it by: a view, a conversion
+        if REPLAYED_DRAW in source.meta:
+            state = _val(source.args[0])
+            return isinstance(val, torch.Tensor) and _bytes_of(val) < _bytes_of(state)
+        tensors = [a for a in source.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+        if len(tensors) != 1:
+            return False
+        source = tensors[0]
+    return False
+
+
 def _node_facts(
     node: fx.Node,
     static_inputs: set[fx.Node],
@@ -438,7 +454,7 @@ def _node_facts(
     # storage anyway, more than the view's own bytes the plan would count.
     can_save = tensor is not None and not _is_multi_output(node) and not is_sym and (not is_view or not can_recompute)
     if policy_name in ("MUST_RECOMPUTE", "PREFER_RECOMPUTE") and can_recompute:  # user checkpoint regions
-        can_save = False
+        can_save = can_save and policy_name == "PREFER_RECOMPUTE" and _smaller_than_its_generator_state(node, val)
     if node.op == "call_function" and not is_sym and tensor is None and not isinstance(val, (list, tuple)):
         if node.users:
             raise UnsupportedGraph(f"node {node.name} ({op_name(node)}) has no tensor metadata")

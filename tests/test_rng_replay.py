@@ -5,10 +5,12 @@ left where eager PyTorch leaves it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import fxmem
 from fxmem.cost import PROFILES
@@ -81,6 +83,20 @@ class BernoulliMaskNet(torch.nn.Module):
         keep = torch.bernoulli(torch.full_like(h, 0.7))
         drop = torch.empty_like(h).bernoulli_(0.6)
         return self.second(h * keep + h * drop).square().mean()
+
+
+class CheckpointedDropoutNet(torch.nn.Module):
+    """A dropout inside a ``torch.utils.checkpoint`` region, on 256 x ``width`` elements."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(64, width), torch.nn.Linear(width, 10)
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(torch.tanh(self.first(x)), 0.3, training=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(checkpoint(self.block, x, use_reentrant=False)).square().mean()
 
 
 def _case(device: str = "cpu", net: type[torch.nn.Module] = NoisyDropoutNet) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -175,6 +191,17 @@ def test_the_bitmask_codec_restores_draws_exactly(dtype):
     draw = torch.bernoulli(torch.full((6, 10), 0.5)).to(dtype).t()  # a transposed layout
     restored = codec.decode(codec.encode(draw), draw)
     assert restored.dtype == dtype and restored.stride() == draw.stride() and torch.equal(restored, draw)
+
+
+@pytest.mark.parametrize(("width", "replayed"), [(8, False), (256, True)])
+def test_a_checkpointed_draw_is_held_only_where_smaller_than_a_generator_state(width, replayed):
+    # The region asks for recomputation: its mask is replayed from a generator state (5,056 bytes on the
+    # CPU), unless the mask itself is smaller (256 x 8 booleans), which is then held instead.
+    options = {"memory_budget": 0.1, "on_infeasible": "best_effort"}
+    seen = _check_against_eager("cpu", options, net=functools.partial(CheckpointedDropoutNet, width))[0][3]
+    state_bytes = generator_state(torch.device("cpu")).numel()
+    states = [t for t in seen if t.dtype == torch.uint8 and t.numel() == state_bytes]
+    assert bool(states) == replayed
 
 
 def _snapshots_held(options: dict) -> list:
