@@ -396,11 +396,12 @@ def _view_base(node: fx.Node) -> fx.Node | None:
 
 
 def _smaller_than_its_generator_state(node: fx.Node, val: Any) -> bool:
-    """Whether ``node`` is a replayed draw, or a mask made from one (through a conversion or a view), that
-    takes fewer bytes than the generator state its replay needs: then holding it, in a region the user
-    prefers recomputed, holds less than recomputing it would."""
+    """Whether ``node`` is a replayed draw, or a value made from that draw alone (at most two ops away: a
+    dropout's mask is a conversion of it, or of its view), that takes fewer bytes than the generator state
+    its replay needs: then holding it, in a region the user prefers recomputed, holds less than
+    recomputing it would."""
     source = node
-    for _ in range(3):  # the draw, or what a dropout's mask is made from it by: a view, a conversion
+    for _ in range(3):  # the node itself, then up its only tensor input, twice
         if REPLAYED_DRAW in source.meta:
             state = _val(source.args[0])
             return isinstance(val, torch.Tensor) and _bytes_of(val) < _bytes_of(state)
