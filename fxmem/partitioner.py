@@ -370,6 +370,13 @@ def _ladder(
         yield pending
 
 
+def _bytes_marked_must_save(attempt: _Attempt) -> int:
+    """Bytes of the activations the plan holds because a selective-checkpoint policy says MUST_SAVE."""
+    held = {node.name: node.save_bytes for node in attempt.problem_inputs.problem.nodes}
+    facts = {node.name: f for node, f in attempt.joint.facts.items()}
+    return sum(held[name] for name in attempt.plan.saved if facts[name].user_policy == "MUST_SAVE")
+
+
 def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> None:
     budget = config.memory_budget
     if isinstance(budget, int):
@@ -383,6 +390,9 @@ def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> 
             f"holds {attempt.plan.saved_bytes} bytes of activations "
             f"(budget {attempt.problem_inputs.problem.budget_bytes:.0f})"
         )
+    must_save = _bytes_marked_must_save(attempt)
+    if must_save:
+        message += f", {must_save} bytes of which a checkpoint policy marks MUST_SAVE"
     if config.strict_budget:
         raise InfeasibleBudget(message + "; pass on_infeasible='best_effort' to run with the smallest plan")
     log.warning("fxmem: %s; running with the smallest plan (on_infeasible=%r)", message, config.on_infeasible)

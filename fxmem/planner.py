@@ -87,8 +87,9 @@ def build_problem(
         dtype = tensor.dtype if tensor else None
         own = cost.node_time(facts.flops, facts.bytes_moved, dtype) + cost.draw_time(facts.draws)
         forward_s += own
-        static = tensor is None or tensor.storage_owner in owners_static
-        held = 0 if static else tensor.nbytes  # Inductor saves no copy of it (save_inputs_in_place)
+        # Inductor saves no copy of a parameter (save_inputs_in_place); a value written into one is read back
+        static = tensor is None or tensor.storage_owner in owners_static or facts.written_into is not None
+        held = 0 if static else tensor.nbytes
         # recompute=False still rebuilds what reads nothing (views of a held base, constants, index ranges),
         # leaves backward work (nodes no forward output needs) to the backward, and honours checkpointing.
         free = facts.kind in ("view", "getitem") or all(_compat.is_sym_node(a) for a in node.all_input_nodes)

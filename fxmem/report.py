@@ -189,6 +189,8 @@ def _reason(
         return f"{kind} op: recomputing costs less than holding {node.save_bytes} bytes"
     if decision == "quantize":
         return f"stored as {fmt}: the cheapest way to hold it under the budget"
+    if facts.written_into is not None:
+        return f"written into {facts.written_into.name} by the forward: the backward reads it back from there"
     if node.save_bytes == 0:
         return "a parameter or buffer: holding it costs nothing"
     if not node.can_recompute:

@@ -178,7 +178,11 @@ def split(
         if node.name not in plan.saved:
             continue
         fmt = plan.saved[node.name]
-        if fmt is None:
+        written_into = joint.facts[node].written_into
+        if written_into is not None:  # the backward reads it back from the parameter it was written into
+            restored[node] = written_into
+            saved.append(written_into)
+        elif fmt is None:
             saved.append(node)
         else:
             codec = (node_codecs or {}).get((node.name, fmt)) or codecs[fmt]
