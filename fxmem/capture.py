@@ -21,6 +21,7 @@ from torch.utils.flop_counter import flop_registry
 
 from fxmem import _compat
 from fxmem.memory import argument, storage_key, view_source
+from fxmem.mutation import mark_mutated_inputs
 
 RANDOM_TAG = torch.Tag.nondeterministic_seeded
 # Set in a node's meta by ``fxmem.rng`` on a draw it made replayable: the random numbers it draws.
@@ -81,7 +82,7 @@ class NodeFacts:
     backward_only: bool = False  # no forward output depends on it: only the backward reads it
     draws: int = 0  # random numbers a replayed draw makes (``REPLAYED_DRAW``), which cost time of their own
     # The parameter the forward copies this value into (``copy_``, same shape, dtype and strides): the
-    # backward can read it back from there, at no cost of its own (see ``_mark_written_into_parameters``).
+    # backward can read it back from there, at no cost of its own (see ``fxmem.mutation``).
     written_into: fx.Node | None = None
 
 
@@ -278,8 +279,7 @@ def capture(gm: fx.GraphModule, num_fwd_outputs: int, static_lifetime_input_indi
         node.meta["fxmem"] = joint.facts[node]
     _mark_normalisation_inputs(joint)
     _mark_extreme_values(joint)
-    _mark_mutated_inputs(joint, _compat.mutated_inputs(gm) | _copied_into(forward))
-    _mark_written_into_parameters(joint, _trained(primals, bwd_outputs))
+    mark_mutated_inputs(joint, gm, primals, bwd_outputs)
     _mark_backward_only(joint, [o for o in fwd_outputs if isinstance(o, fx.Node)])
     return joint
 
@@ -323,58 +323,6 @@ def _mark_backward_only(joint: JointGraph, fwd_outputs: list[fx.Node]) -> None:
             needed.update(node.all_input_nodes)
         else:
             joint.facts[node].backward_only = True
-
-
-def _copied_into(forward: list[fx.Node]) -> set[fx.Node]:
-    """The inputs the forward mutates in the graph (``copy_`` into a placeholder)."""
-    targets = (n.args[0] for n in forward if n.target is torch.ops.aten.copy_.default)
-    return {t for t in targets if isinstance(t, fx.Node) and t.op == "placeholder"}
-
-
-def _mark_mutated_inputs(joint: JointGraph, mutated: set[fx.Node]) -> None:
-    """An input the forward mutates (a buffer updated in place) holds its new data by the time the backward
-    runs: neither it nor a view of it may be saved, and nothing reading it may be recomputed."""
-    owners = {n.name for n in mutated}
-    for node in joint.forward:
-        facts = joint.facts[node]
-        if facts.tensor is not None and facts.tensor.storage_owner in owners:
-            facts.can_save = facts.can_recompute = False
-
-
-def _trained(primals: list[fx.Node], gradients: list[Any]) -> set[fx.Node]:
-    """The inputs whose gradient the joint graph computes (it returns one gradient or None per input)."""
-    if len(primals) != len(gradients):
-        return set()
-    return {p for p, grad in zip(primals, gradients, strict=True) if grad is not None}
-
-
-def _mark_written_into_parameters(joint: JointGraph, trainable: set[fx.Node]) -> None:
-    """A value the forward writes into a parameter it trains (weights clipped or decayed in place under
-    no_grad, as a WGAN critic's) is what the parameter holds once the forward has run: the backward may
-    read it from there, as eager's backward reads the parameter its ops saved, instead of the forward
-    holding a copy. Autograd's version check guards the parameter until the backward, as in eager (a
-    second forward before the backward raises in both). Not buffers: eager code reads those through
-    clones (spectral norm's vectors) so that two forwards may run before one backward (a GAN's real and
-    fake batches). Only a value laid out as the parameter is: ``copy_`` converts the layout, and the
-    backward's views expect the value's strides."""
-    parameters = trainable & joint.static_inputs
-    copies: dict[fx.Node, list[fx.Node]] = {}
-    for node in joint.forward:
-        if node.target is torch.ops.aten.copy_.default and node.args[0] in parameters:
-            copies.setdefault(node.args[0], []).append(node)
-    for target, writes in copies.items():
-        source = writes[0].args[1]
-        if len(writes) != 1 or not isinstance(source, fx.Node) or source not in joint.facts:
-            continue
-        facts, into = joint.facts[source], joint.facts[target].tensor
-        if facts.kind in ("view", "param", "input") or not facts.can_save or facts.tensor is None or into is None:
-            continue
-        if _layout(facts.tensor) == _layout(into):
-            facts.written_into = target
-
-
-def _layout(tensor: TensorFacts) -> tuple[Any, ...]:
-    return tensor.shape, tensor.stride_hint, tensor.dtype
 
 
 def _norm_kind(user: fx.Node) -> str | None:
