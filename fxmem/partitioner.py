@@ -370,11 +370,24 @@ def _ladder(
         yield pending
 
 
-def _bytes_marked_must_save(attempt: _Attempt) -> int:
-    """Bytes of the activations the plan holds because a selective-checkpoint policy says MUST_SAVE."""
-    held = {node.name: node.save_bytes for node in attempt.problem_inputs.problem.nodes}
+def _held_for_good(attempt: _Attempt) -> str:
+    """What of the smallest plan's bytes no plan can drop, by cause: the graph's inputs the backward reads
+    (nothing in the graph makes them), values a selective-checkpoint policy marks MUST_SAVE (user
+    annotations win over the budget), and random draws held as drawn."""
+    problem = attempt.problem_inputs.problem
     facts = {node.name: f for node, f in attempt.joint.facts.items()}
-    return sum(held[name] for name in attempt.plan.saved if facts[name].user_policy == "MUST_SAVE")
+    causes = {"of graph inputs the backward reads": 0, "a checkpoint policy marks MUST_SAVE": 0, "of random draws": 0}
+    for name, fmt in attempt.plan.saved.items():
+        node, fact = problem.by_name[name], facts[name]
+        held = next((o.stored_bytes for o in node.quant_options if o.fmt == fmt), node.save_bytes)
+        if fact.kind == "input":
+            causes["of graph inputs the backward reads"] += held
+        elif fact.user_policy == "MUST_SAVE":
+            causes["a checkpoint policy marks MUST_SAVE"] += held
+        elif fact.kind == "random":
+            causes["of random draws"] += held
+    parts = [f"{held} bytes {cause}" for cause, held in causes.items() if held]
+    return "; no plan can drop " + ", ".join(parts) if parts else ""
 
 
 def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> None:
@@ -390,9 +403,7 @@ def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> 
             f"holds {attempt.plan.saved_bytes} bytes of activations "
             f"(budget {attempt.problem_inputs.problem.budget_bytes:.0f})"
         )
-    must_save = _bytes_marked_must_save(attempt)
-    if must_save:
-        message += f", {must_save} bytes of which a checkpoint policy marks MUST_SAVE"
+    message += _held_for_good(attempt)
     if config.strict_budget:
         raise InfeasibleBudget(message + "; pass on_infeasible='best_effort' to run with the smallest plan")
     log.warning("fxmem: %s; running with the smallest plan (on_infeasible=%r)", message, config.on_infeasible)

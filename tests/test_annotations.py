@@ -107,6 +107,6 @@ def test_selective_checkpoint_policies_win_over_the_budget(policy, budget, held,
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "fxmem" in r.name]
     if held:
         policy_bytes = 2 * 16 * (128 + 32) * 4
-        assert any(f"{policy_bytes} bytes of which a checkpoint policy marks MUST_SAVE" in w for w in warnings)
+        assert any(f"{policy_bytes} bytes a checkpoint policy marks MUST_SAVE" in w for w in warnings)
     else:
         assert not warnings

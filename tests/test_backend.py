@@ -319,7 +319,7 @@ def _chain(err: BaseException) -> list[BaseException]:
 
 
 def test_unmeetable_fraction_warns_by_default(caplog):
-    # Dropout masks cannot be recomputed, so mlp tiny-dropout cannot go below about half the default.
+    # mlp tiny-dropout's batch and labels, which its backward reads, alone exceed 0.1 of the default.
     model, inputs = build("mlp", "tiny-dropout")
     backend = fxmem.backend(memory_budget=0.1, codegen="eager")
     assert backend.config.on_infeasible == "auto"
@@ -331,6 +331,8 @@ def test_unmeetable_fraction_warns_by_default(caplog):
     (warning,) = fxmem_warnings(caplog.records)
     assert "memory_budget 0.1 cannot be met" in warning.getMessage()
     assert f"graph {report.graph_id}" in warning.getMessage()
+    # what sets the floor: the batch and its labels, which the backward reads and nothing can recompute
+    assert f"no plan can drop {sum(t.nbytes for t in inputs)} bytes of graph inputs" in warning.getMessage()
 
 
 def test_unmeetable_fraction_raises_with_on_infeasible_error():
