@@ -6,6 +6,7 @@ hands to AOTAutograd as ``partition_fn``). Each call plans one joint graph and a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import copy
@@ -26,7 +27,7 @@ import torch.fx as fx
 
 from fxmem import _compat
 from fxmem.calibrate import calibrated_profile
-from fxmem.capture import JointGraph, UnsupportedGraph, capture
+from fxmem.capture import JointGraph, NodeFacts, UnsupportedGraph, capture
 from fxmem.config import FxmemConfig
 from fxmem.cost import get_cost_model, resolve_profile
 from fxmem.decompositions import KEPT_WHOLE
@@ -371,23 +372,29 @@ def _ladder(
 
 
 def _held_for_good(attempt: _Attempt) -> str:
-    """What of the smallest plan's bytes no plan can drop, by cause: the graph's inputs the backward reads
-    (nothing in the graph makes them), values a selective-checkpoint policy marks MUST_SAVE (user
-    annotations win over the budget), and random draws held as drawn."""
+    """What of the smallest plan's bytes no plan can drop, by cause (``_cause_for_good``)."""
     problem = attempt.problem_inputs.problem
     facts = {node.name: f for node, f in attempt.joint.facts.items()}
-    causes = {"of graph inputs the backward reads": 0, "a checkpoint policy marks MUST_SAVE": 0, "of random draws": 0}
+    causes: collections.Counter[str] = collections.Counter()
     for name, fmt in attempt.plan.saved.items():
-        node, fact = problem.by_name[name], facts[name]
-        held = next((o.stored_bytes for o in node.quant_options if o.fmt == fmt), node.save_bytes)
-        if fact.kind == "input":
-            causes["of graph inputs the backward reads"] += held
-        elif fact.user_policy == "MUST_SAVE":
-            causes["a checkpoint policy marks MUST_SAVE"] += held
-        elif fact.kind == "random":
-            causes["of random draws"] += held
-    parts = [f"{held} bytes {cause}" for cause, held in causes.items() if held]
+        node, cause = problem.by_name[name], _cause_for_good(facts[name])
+        if cause:
+            causes[cause] += next((o.stored_bytes for o in node.quant_options if o.fmt == fmt), node.save_bytes)
+    parts = [f"{held} bytes {cause}" for cause, held in causes.items()]
     return "; no plan can drop " + ", ".join(parts) if parts else ""
+
+
+def _cause_for_good(facts: NodeFacts) -> str | None:
+    """Why a held value is held by every plan: the graph's inputs the backward reads (nothing in the graph
+    makes them), values a selective-checkpoint policy marks MUST_SAVE (user annotations win over the
+    budget), random draws held as drawn."""
+    if facts.kind == "input":
+        return "of graph inputs the backward reads"
+    if facts.user_policy == "MUST_SAVE":
+        return "a checkpoint policy marks MUST_SAVE"
+    if facts.kind == "random":
+        return "of random draws"
+    return None
 
 
 def _infeasible(config: FxmemConfig, report: GraphReport, attempt: _Attempt) -> None:
