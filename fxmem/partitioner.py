@@ -377,9 +377,9 @@ def _held_for_good(attempt: _Attempt) -> str:
     facts = {node.name: f for node, f in attempt.joint.facts.items()}
     causes: collections.Counter[str] = collections.Counter()
     for name, fmt in attempt.plan.saved.items():
-        node, cause = problem.by_name[name], _cause_for_good(facts[name])
+        cause = _cause_for_good(facts[name])
         if cause:
-            causes[cause] += next((o.stored_bytes for o in node.quant_options if o.fmt == fmt), node.save_bytes)
+            causes[cause] += problem.by_name[name].stored_bytes(fmt)
     parts = [f"{held} bytes {cause}" for cause, held in causes.items()]
     return "; no plan can drop " + ", ".join(parts) if parts else ""
 

@@ -106,11 +106,7 @@ def tensor_rows(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> list[T
         tensor = facts.tensor
         solver_node = problem.by_name[node.name]
         decision = plan.decision(node.name) if node.name in plan.saved else Decision("recompute")
-        stored = 0
-        if decision.kind == "keep":
-            stored = solver_node.save_bytes
-        elif decision.kind == "quantize":
-            stored = next(o.stored_bytes for o in solver_node.quant_options if o.fmt == decision.fmt)
+        stored = 0 if decision.kind == "recompute" else solver_node.stored_bytes(decision.fmt)
         exact = node.name in inputs.exact
         reason = _reason(decision.kind, facts, solver_node, decision.fmt, problem, plan.saved, exact=exact)
         if node.target is generator_state:

@@ -43,6 +43,11 @@ class SolverNode:
     quant_options: tuple[QuantOption, ...] = ()
     kind: str = "pointwise"
 
+    def stored_bytes(self, fmt: str | None) -> int:
+        """The bytes it holds saved in ``fmt`` (``None``: as it is)."""
+        option = _option(self, fmt)
+        return option.stored_bytes if option else self.save_bytes
+
 
 @dataclass
 class Problem:
