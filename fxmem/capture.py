@@ -348,6 +348,9 @@ def _mark_normalisation_inputs(joint: JointGraph) -> None:
     and the probabilities rebuilt from it with ``exp`` are not quantized at all."""
     log_softmaxes = [n for n in joint.forward if _is_log_softmax(n)]
     kinds: dict[fx.Node, str] = dict.fromkeys(log_softmaxes, "row")
+    # Inductor's form reads its input twice: the log-probabilities it rebuilds from a stored input carry
+    # that input's errors, as if stored themselves.
+    kinds.update((n.args[0], "row") for n in log_softmaxes if op_name(n) == "sub" and n.args[0] in joint.facts)
     for node in reversed(joint.forward):
         for user in node.users:
             user_facts = joint.facts.get(user)
