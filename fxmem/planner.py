@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -136,7 +138,7 @@ def build_problem(
     problem = Problem(nodes)
     budget = config.memory_budget
     if budget is None:
-        problem.max_added_s = DEFAULT_MAX_OVERHEAD * step_s
+        problem.max_added_s = unbudgeted_added_s(step_s)
     elif isinstance(budget, float):
         if reference_bytes is None:
             raise ValueError("a fractional memory_budget needs torch.compile's default plan, which failed")
@@ -149,6 +151,23 @@ def build_problem(
     all_formats = tuple(dict.fromkeys((*formats, *(("int8",) if formats else ()), *lossless)))
     codecs = {fmt: codec(fmt) for fmt in all_formats}
     return PlanningInputs(problem, all_formats, bits, codecs, node_codecs, step_s, sign_kept)
+
+
+def unbudgeted_added_s(step_s: float) -> float:
+    """The added time a plan made with no budget may spend to hold fewer bytes."""
+    return DEFAULT_MAX_OVERHEAD * step_s
+
+
+@contextlib.contextmanager
+def without_budget(inputs: PlanningInputs) -> Iterator[Problem]:
+    """``inputs.problem`` as it is with no budget (its added time bounded instead), within the block."""
+    problem = inputs.problem
+    kept = problem.budget_bytes, problem.max_added_s
+    problem.budget_bytes, problem.max_added_s = None, unbudgeted_added_s(inputs.step_s)
+    try:
+        yield problem
+    finally:
+        problem.budget_bytes, problem.max_added_s = kept
 
 
 def keep_thresholds_exact(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> bool:

@@ -186,6 +186,26 @@ def test_fractional_budgets(case):
     assert measured[-1] < measured[0]
 
 
+def test_a_fraction_the_unbudgeted_plan_meets_takes_that_plan():
+    """With no budget, gpt tiny holds 11% of the default's bytes; fractions above that take the same
+    plan (their least-time plans held 69% at 0.7, 39% at 0.4, each with a larger peak), and one below
+    it takes the least-time plan within the fraction."""
+    model, inputs = build("gpt", "tiny")
+    unbudgeted = fxmem.inspect(model, *inputs, codegen="eager")
+    held = unbudgeted.predicted_saved_bytes
+    assert held < 0.4 * unbudgeted.reference_saved_bytes
+    for budget in (0.7, 0.4):
+        report = fxmem.inspect(model, *inputs, codegen="eager", memory_budget=budget)
+        assert report.predicted_saved_bytes == held, budget
+        assert report.predicted_peak_bytes == unbudgeted.predicted_peak_bytes, budget
+        assert report.budget_bytes == pytest.approx(budget * report.reference_saved_bytes)
+        assert any("the plan made with no budget holds" in summary for *_, summary in report.passes), budget
+    budget = 0.9 * held / unbudgeted.reference_saved_bytes
+    below = fxmem.inspect(model, *inputs, codegen="eager", memory_budget=budget)
+    assert below.predicted_saved_bytes <= budget * below.reference_saved_bytes
+    assert not any("the plan made with no budget" in summary for *_, summary in below.passes)
+
+
 def test_absolute_budgets_bound_the_peak_monotonically(caplog):
     """A sweep of absolute budgets around the lossless plan's peak: each one at or above the smallest peak
     fxmem can reach (what a budget of two bytes runs with) is met, each one below is not, and a smaller
