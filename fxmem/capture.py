@@ -84,6 +84,9 @@ class NodeFacts:
     # The parameter the forward copies this value into (``copy_``, same shape, dtype and strides): the
     # backward can read it back from there, at no cost of its own (see ``fxmem.mutation``).
     written_into: fx.Node | None = None
+    # An input the forward overwrites (a buffer updated in place): held, the forward saves a copy of the
+    # value it had, from which the backward may recompute what read it (see ``fxmem.mutation``).
+    overwritten: bool = False
 
 
 @dataclass

@@ -31,12 +31,17 @@ def _copied_into(forward: list[fx.Node]) -> set[fx.Node]:
 
 def _mark_unreadable(joint: JointGraph, mutated: set[fx.Node]) -> None:
     """An input the forward mutates (a buffer updated in place) holds its new data by the time the backward
-    runs: neither it nor a view of it may be saved, and nothing reading it may be recomputed."""
+    runs: no view of it may be saved, and the input itself only as a copy of its value before the update
+    (``NodeFacts.overwritten``), which is what every reader in the functionalized forward sees. What reads
+    it may then be recomputed from that copy: a Transformer-XL memory's concatenation with the batch, or
+    batch renormalisation's use of the running statistics, instead of holding what they made."""
     owners = {n.name for n in mutated}
     for node in joint.forward:
         facts = joint.facts[node]
         if facts.tensor is not None and facts.tensor.storage_owner in owners:
             facts.can_save = facts.can_recompute = False
+            if node in mutated:
+                facts.can_save = facts.overwritten = True
 
 
 def _trained(primals: list[fx.Node], gradients: list[Any]) -> set[fx.Node]:

@@ -91,6 +91,7 @@ def build_problem(
         forward_s += own
         # Inductor saves no copy of a parameter (save_inputs_in_place); a value written into one is read back
         static = tensor is None or tensor.storage_owner in owners_static or facts.written_into is not None
+        static = static and not facts.overwritten  # (its copy holds bytes of its own)
         held = 0 if static else tensor.nbytes
         # recompute=False still rebuilds what reads nothing (views of a held base, constants, index ranges),
         # leaves backward work (nodes no forward output needs) to the backward, and honours checkpointing.
@@ -98,7 +99,8 @@ def build_problem(
         asked = facts.user_policy in ("MUST_RECOMPUTE", "PREFER_RECOMPUTE")
         can_recompute = facts.can_recompute and (config.recompute or free or facts.backward_only or asked)
         options: list[QuantOption] = []
-        if tensor is not None and held > 0 and tensor.dense and facts.kind not in ("view", "param"):
+        held_as_is = facts.kind in ("view", "param") or facts.overwritten  # (an overwritten input: a plain copy)
+        if tensor is not None and held > 0 and tensor.dense and not held_as_is:
             numel = tensor.nbytes // tensor.dtype.itemsize
             binary = tensor.dtype == torch.bool or (tensor.dtype.is_floating_point and draws_zeros_and_ones(node))
             if binary and config.codegen == "eager":

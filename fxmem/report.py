@@ -187,6 +187,8 @@ def _reason(
         return f"stored as {fmt}: the cheapest way to hold it under the budget"
     if facts.written_into is not None:
         return f"written into {facts.written_into.name} by the forward: the backward reads it back from there"
+    if facts.overwritten:
+        return "an input the forward updates in place: the forward saves a copy of the value it had"
     if node.save_bytes == 0:
         return "a parameter or buffer: holding it costs nothing"
     if not node.can_recompute:

@@ -9,6 +9,7 @@ mutates it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -182,6 +183,12 @@ def split(
         if written_into is not None:  # the backward reads it back from the parameter it was written into
             restored[node] = written_into
             saved.append(written_into)
+        elif joint.facts[node].overwritten:  # a copy of its value before the forward updates it
+            with joint.gm.graph.inserting_after(node):
+                restored[node] = joint.gm.graph.call_function(torch.ops.aten.clone.default, (node,))
+            with _compat.detect_fake_mode([node.meta["val"]]) or contextlib.nullcontext():
+                restored[node].meta["val"] = node.meta["val"].clone()
+            saved.append(restored[node])
         elif fmt is None:
             saved.append(node)
         else:

@@ -617,6 +617,46 @@ def test_weights_updated_in_forward_are_read_back_from_the_parameters(codegen, t
         (first + second).backward()
 
 
+class _SegmentMemory(torch.nn.Module):
+    """Transformer-XL style: the last segment's states, a buffer, are attended to with the batch, then
+    overwritten with this segment's."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.q, self.kv, self.o = torch.nn.Linear(d, d), torch.nn.Linear(d, 2 * d), torch.nn.Linear(d, d)
+        self.register_buffer("mem", torch.randn(4, 8, d))
+
+    def forward(self, x):
+        k, v = self.kv(torch.cat([self.mem, x], 1)).chunk(2, -1)
+        attention = torch.softmax(self.q(x) @ k.transpose(1, 2) / x.shape[-1] ** 0.5, -1)
+        h = x + self.o(attention @ v)
+        self.mem.copy_(h[:, -8:].detach())
+        return h.square().mean()
+
+
+@pytest.mark.parametrize(("codegen", "tol"), [("eager", EAGER_TOL), ("inductor", INDUCTOR_TOL)])
+def test_what_reads_an_overwritten_buffer_is_recomputed_from_a_copy(codegen, tol, inductor_cache):
+    """The backward may not read a buffer the forward overwrites, nor recompute from it; it recomputes
+    from a copy of the value the buffer had, which holds less than what was made from it (the smallest
+    plan held the batch and the concatenation, 20 KiB, where the batch and the copy are 12 KiB)."""
+    x = torch.randn(4, 16, 32)
+    torch.manual_seed(0)
+    eager = _SegmentMemory()
+    torch.manual_seed(0)
+    model = _SegmentMemory()
+    backend = fxmem.backend(memory_budget=0.1, on_infeasible="best_effort", codegen=codegen, quantize="none")
+    for step in range(2):  # the second reads what the first wrote
+        _, grads_ref, _ = run_step(eager, (x,))
+        _, grads, saved = run_step(model, (x,), backend)
+        assert saved == x.nbytes + model.mem.nbytes, step
+        assert rel_err(grads, grads_ref) <= tol, step
+        assert torch.allclose(model.mem, eager.mem, rtol=tol, atol=tol), step
+    (report,) = backend.reports
+    assert report.predicted_saved_bytes == saved
+    copies = [row for row in report.rows if row.reason.startswith("an input the forward updates in place")]
+    assert [row.stored_bytes for row in copies] == [model.mem.nbytes]
+
+
 def test_buffers_updated_in_forward_allow_two_forwards_before_one_backward():
     """Spectral norm updates its vectors in place each forward and reads clones of them, so that a GAN's
     discriminator may score a real and a fake batch before one backward: fxmem's smallest plan holds the
