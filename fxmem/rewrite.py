@@ -1,10 +1,10 @@
 """Rewrite: from a Plan, the forward and backward graphs.
 
 The forward saves exactly the plan's saved nodes; a quantized node is replaced, for its backward readers
-only, by quantize nodes in the forward (whose payload is saved) and dequantize nodes in the backward.
-Every node the backward recomputes, and every dequantize, is placed right before its first use, so the
-backward's transient memory stays small. The joint graph passed in is fxmem's own: this module
-mutates it.
+only, by quantize nodes in the forward (whose payload is saved) and dequantize nodes in the backward;
+an input the forward overwrites, by a copy the forward makes first. Every node the backward recomputes,
+and every dequantize, is placed right before its first use, so the backward's transient memory stays
+small. The joint graph passed in is fxmem's own: this module mutates it.
 """
 
 from __future__ import annotations
