@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def mark_mutated_inputs(joint: JointGraph, gm: fx.GraphModule, primals: list[fx.Node], gradients: list[Any]) -> None:
     """Set the facts of the forward nodes an input mutation concerns; ``gradients`` are the joint graph's
     backward outputs, one per primal input."""
-    _mark_unreadable(joint, _compat.mutated_inputs(gm) | _copied_into(joint.forward))
+    _mark_overwritten(joint, _compat.mutated_inputs(gm) | _copied_into(joint.forward))
     _mark_written_into_parameters(joint, _trained(primals, gradients))
 
 
@@ -29,7 +29,7 @@ def _copied_into(forward: list[fx.Node]) -> set[fx.Node]:
     return {t for t in targets if isinstance(t, fx.Node) and t.op == "placeholder"}
 
 
-def _mark_unreadable(joint: JointGraph, mutated: set[fx.Node]) -> None:
+def _mark_overwritten(joint: JointGraph, mutated: set[fx.Node]) -> None:
     """An input the forward mutates (a buffer updated in place) holds its new data by the time the backward
     runs: no view of it may be saved, and the input itself only as a copy of its value before the update
     (``NodeFacts.overwritten``), which is what every reader in the functionalized forward sees. What reads
