@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -59,16 +59,19 @@ def make_codec(fmt: str, config: FxmemConfig, group_size: int | None = None, kee
     )
 
 
+def dynamic_min_quant_numel(quantizers: Iterable[Quantizer]) -> int:
+    """The fewest elements a tensor needs to be quantized under dynamic shapes: one with a single scale
+    group at the traced sizes would have Inductor specialize its codec on that count (a recompile at other
+    sizes), so tensors under two of the largest groups stay unquantized."""
+    return 2 * max([_ROW_GROUP_MAX, *(q.group_size for q in quantizers)])
+
+
 def build_problem(
     joint: JointGraph, config: FxmemConfig, cost: CostModel, reference_bytes: int | None
 ) -> PlanningInputs:
     formats = config.quant_formats
     quantizers = {fmt: get_quantizer(fmt, group_size=config.group_size) for fmt in formats}
-    # Under dynamic shapes, a tensor with one scale group at the traced sizes would have Inductor
-    # specialize its codec on that count (a recompile at other sizes): smaller ones stay unquantized.
-    min_quant_numel = MIN_QUANT_NUMEL
-    if joint.dynamic:
-        min_quant_numel = 2 * max([_ROW_GROUP_MAX, *(q.group_size for q in quantizers.values())])
+    min_quant_numel = dynamic_min_quant_numel(quantizers.values()) if joint.dynamic else MIN_QUANT_NUMEL
     bits = {fmt: q.bits for fmt, q in quantizers.items()}
     bits["int8"] = 8  # normalisation inputs use row-aligned int8 whatever format was asked for
     bits[BITMASK] = 8  # lossless: admitted with the widest tier

@@ -18,6 +18,7 @@ import models.gpt
 import models.mlp
 import models.vit
 from fxmem import _compat, capacity
+from fxmem.quant import get_quantizer
 from tests.helpers import cosines, measure_saved_bytes, param_grads, params_and_buffers, planned_reports, rel_err
 
 # fp32 with codegen="eager": decomposed ops round differently from eager's fused kernels.
@@ -92,7 +93,8 @@ def test_quantization_under_dynamic_shapes(monkeypatch):
     """One plan, made at the first size, quantizes and serves every size with no recompile: its codecs
     read the sizes as symbols, so the payloads grow with the batch (saved bytes affine in it), and at the
     traced size the plan and its gradients are those of a static compile that leaves as many elements
-    unquantized (under dynamic shapes, fewer than 2,048; see composability.md)."""
+    unquantized (under dynamic shapes, those under two scale groups of the largest kind; see
+    composability.md)."""
     options = {"codegen": "eager", "memory_budget": 0.3, "quantize": "int8"}
     backend, grads, eager_grads, saved = _dynamic_steps("gpt", options)
     (report,) = planned_reports(backend, 1)
@@ -102,7 +104,8 @@ def test_quantization_under_dynamic_shapes(monkeypatch):
     assert saved[2] - saved[0] == slope * (BATCH_SIZES[2] - BATCH_SIZES[0]) > 0, saved
     for got, want in zip(grads, eager_grads, strict=True):
         assert min(cosines(got, want)) >= QUANT_COSINE
-    monkeypatch.setattr(fxmem.planner, "MIN_QUANT_NUMEL", 2048)
+    floor = fxmem.planner.dynamic_min_quant_numel([get_quantizer("int8")])
+    monkeypatch.setattr(fxmem.planner, "MIN_QUANT_NUMEL", floor)
     static, static_grads, _, static_saved = _dynamic_steps("gpt", options, "static")
     # (node names differ: the dynamic graph has its sizes as inputs)
     assert sorted(static.reports[0].plan.quantized.values()) == sorted(report.plan.quantized.values())
