@@ -59,6 +59,7 @@ __all__ = [
     "force_save",
     "hint",
     "inductor_decompositions",
+    "inductor_fallback_random",
     "inductor_joint_graph_passes",
     "inductor_layout_opt",
     "inductor_reads_realized_inputs",
@@ -110,6 +111,13 @@ def inductor_decompositions() -> dict[Any, Any]:
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
+
+
+def inductor_fallback_random() -> bool:
+    """Inductor's ``fallback_random`` now: whether its graphs draw random numbers with eager's ops."""
+    from torch._inductor import config
+
+    return bool(config.fallback_random)
 
 
 def inductor_joint_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:

@@ -46,7 +46,13 @@ class FxmemCompiler:
             config = FxmemConfig.from_options({**self.config.as_dict(), **options})
         partitioner = FxmemPartitioner(config, on_report=self.reports.append)
         if config.codegen == "inductor":
-            patches = {**_mode_config(mode), "custom_partitioner_fn": partitioner}
+            # The backward compiles at the first backward call and reads Inductor's config then; its graph
+            # was split under the forward's fallback_random (whether random ops were kept as eager's), so
+            # it compiles under that value too, as set inside a `with config.patch(...)` around the call.
+            patches = {
+                **_mode_config(mode), "custom_partitioner_fn": partitioner,
+                "fallback_random": _compat.inductor_fallback_random(),
+            }  # fmt: skip
             return _compat.compile_fx(gm, example_inputs, config_patches=patches)
         if mode is not None:
             raise ValueError(f"fxmem backend: mode={mode!r} sets Inductor's config and needs codegen='inductor'")
