@@ -214,9 +214,14 @@ def split(
         num_fwd_outputs=joint.num_fwd_outputs,
         static_lifetime_input_nodes=joint.static_inputs,
     )
+    # The extraction copies into the backward every forward node whose inputs it has there, and keeps
+    # the unused ones that count as impure: under Inductor's fallback_random, a random op the plan holds
+    # but whose input it recomputes. There it would draw again, moving eager's generator on (the next
+    # step's masks would then differ from eager's); PyTorch's partitioner removes such ops too.
+    bw.graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
     _check_backward_inputs(bw, saved, saved_sym)
-    # PyTorch's extraction removed the dead code and linted both graphs. The reordering rebuilds the
-    # backward (copying only what its outputs and impure nodes need), so that graph is linted again.
+    # PyTorch's extraction linted both graphs. The reordering rebuilds the backward (copying only what its
+    # outputs and impure nodes need), so that graph is linted again.
     bw = place_recompute_late(bw)
     bw.graph.lint()
     return fw, bw, saved

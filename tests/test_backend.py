@@ -345,6 +345,31 @@ def test_fallback_random_set_around_the_forward_alone_holds_for_its_backward(ind
     assert rel_err([p.grad for p in model.parameters()], grads_ref) <= INDUCTOR_TOL
 
 
+@pytest.mark.slow
+def test_inductor_backward_leaves_eager_generator_where_eager_does(fallback_random, inductor_cache):
+    """Under fallback_random the backward held a copy of each dropout the plan holds, unused but drawing
+    again from eager's generator: a step left it elsewhere than eager does, so a second step without
+    reseeding drew other masks. Two steps from one seed now match eager's, and so does the generator."""
+    case = ("mlp", "tiny-dropout")
+
+    def two_steps(model, inputs, fn):
+        torch.manual_seed(DROPOUT_SEEDS[0])
+        grads = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            fn(*inputs).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        return grads, torch.get_rng_state()
+
+    model, inputs = build(*case)
+    grads_ref, state_ref = two_steps(model, inputs, model)
+    model, inputs = build(*case)
+    grads, state = two_steps(model, inputs, torch.compile(model, backend=fxmem.backend(codegen="inductor")))
+    assert torch.equal(state, state_ref)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert rel_err(got, want) <= INDUCTOR_TOL
+
+
 # --- budgets that cannot be met --------------------------------------------------------------------------
 
 
