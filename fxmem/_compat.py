@@ -19,6 +19,7 @@ from unittest import mock
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch._functorch import config as _functorch_config
 from torch._functorch import partitioners as _partitioners
 from torch._functorch._aot_autograd.descriptors import ForwardTokenAOTInput, InputMutationAOTOutput
 from torch._functorch._aot_autograd.utils import _is_primal, _is_tangent
@@ -76,8 +77,10 @@ __all__ = [
     "static_input_positions",
     "symbolic_expr",
     "tensor_metadata",
+    "torch_budget",
     "trace_with_decompositions",
     "unset_fake_temporarily",
+    "without_torch_budget",
 ]
 
 is_primal = _is_primal
@@ -267,6 +270,19 @@ class _SavedValuesChosen(Exception):
     def __init__(self, saved_values: list[fx.Node]):
         super().__init__("PyTorch's partitioner chose its saved values")
         self.saved_values = saved_values
+
+
+@contextlib.contextmanager
+def without_torch_budget() -> Iterator[None]:
+    """PyTorch's partitioner, while this holds, runs with ``activation_memory_budget`` at its default
+    (1.0: keep what its min-cut chooses), whatever the user set it to."""
+    with _functorch_config.patch(activation_memory_budget=1.0):
+        yield
+
+
+def torch_budget() -> float:
+    """The ``activation_memory_budget`` PyTorch's partitioner would run with now."""
+    return float(_functorch_config.activation_memory_budget)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ Inductor as it would with the ``"inductor"`` backend.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,6 +45,7 @@ class FxmemCompiler:
         config = self.config
         if options:
             config = FxmemConfig.from_options({**self.config.as_dict(), **options})
+        _warn_if_torch_budget_set(_compat.torch_budget())
         partitioner = FxmemPartitioner(config, on_report=self.reports.append)
         if config.codegen == "inductor":
             # The backward compiles at the first backward call and reads Inductor's config then; its graph
@@ -57,6 +59,16 @@ class FxmemCompiler:
         if mode is not None:
             raise ValueError(f"fxmem backend: mode={mode!r} sets Inductor's config and needs codegen='inductor'")
         return _eager(gm, example_inputs, partitioner)
+
+
+@functools.cache  # once per value a process sets
+def _warn_if_torch_budget_set(budget: float) -> None:
+    if budget != 1.0:
+        log.warning(
+            "fxmem: torch._functorch.config.activation_memory_budget=%s is ignored: fxmem replaces the "
+            "partitioner that reads it; set fxmem's memory_budget instead (fractions are of what "
+            "torch.compile saves with no budget)", budget,
+        )  # fmt: skip
 
 
 def _mode_config(mode: str | None) -> dict[str, Any]:

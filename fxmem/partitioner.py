@@ -128,7 +128,7 @@ class Reference:
         """PyTorch's forward and backward: planning needs only what they save, so they are built only when
         fxmem falls back or ``fxmem.inspect`` simulates them."""
         if self._split is None:
-            with _compat.counted_as_fusible(KEPT_WHOLE):
+            with _as_default():
                 self._split = _compat.min_cut_rematerialization_partition(
                     self.gm, [], compiler="inductor", num_fwd_outputs=self.num_fwd_outputs,
                     static_lifetime_input_indices=self.static_indices,
@@ -145,13 +145,23 @@ class Reference:
             return None
 
 
+@contextlib.contextmanager
+def _as_default() -> Iterator[None]:
+    """PyTorch's partitioner as torch.compile runs it by default: the ops the eager codegen keeps whole
+    counted as fusible, as their decompositions in Inductor's graph are, and PyTorch's own
+    ``activation_memory_budget`` at 1.0 whatever the user set it to (it is not the default's, and it
+    bounds nothing under fxmem, whose partitioner replaces the one that reads it)."""
+    with _compat.counted_as_fusible(KEPT_WHOLE), _compat.without_torch_budget():
+        yield
+
+
 def reference_plan(gm: fx.GraphModule, num_fwd_outputs: int, static_indices: list[int], codegen: str) -> Reference:
     """What PyTorch's default partition of ``gm`` saves. Its partitioner prepares ``gm`` (CSE, tags), so
     from then on ``gm`` belongs to the reference."""
     static_positions = _compat.static_input_positions(gm, static_indices)
     reference = Reference(gm, num_fwd_outputs, static_indices, static_positions, codegen)
     try:
-        with _compat.counted_as_fusible(KEPT_WHOLE):  # as they are, decomposed, in Inductor's graph
+        with _as_default():
             chosen = _compat.default_saved_values(
                 gm, num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_indices
             )

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fxmem
+import fxmem.compiler
 import fxmem.partitioner
 from fxmem.bench.measure import joint_graphs
 from fxmem.capture import UnsupportedGraph
@@ -283,6 +284,23 @@ def test_backend_instance_with_options_records_its_reports():
     run_step(model, inputs, backend, {"memory_budget": 0.5})
     assert len(fxmem.reports()) == 1  # the graph was planned...
     assert len(backend.reports) == 1  # ...but the instance the user holds never hears of it
+
+
+def test_torchs_own_budget_changes_neither_reference_nor_plan(caplog):
+    """PyTorch's ``activation_memory_budget`` is read by the partitioner fxmem replaces; it once also
+    reached the reference fxmem ran that partitioner for, so under 0.3 a fraction was of 0.3's plan (gpt
+    tiny: 208,388 bytes, not 698,628). Now it is ignored, with one WARNING per value that names it."""
+    model, inputs = build("gpt")
+    options = {"codegen": "eager", "memory_budget": 0.5}
+    plain = fxmem.inspect(model, *inputs, **options)
+    fxmem.compiler._warn_if_torch_budget_set.cache_clear()
+    with torch._functorch.config.patch(activation_memory_budget=0.3), caplog.at_level(logging.WARNING):
+        patched = [fxmem.inspect(model, *inputs, **options) for _ in range(2)]
+    for report in patched:
+        assert report.reference_saved_bytes == plain.reference_saved_bytes
+        assert report.predicted_saved_bytes == plain.predicted_saved_bytes
+    (warning,) = fxmem_warnings(caplog.records)
+    assert "activation_memory_budget=0.3 is ignored" in warning.getMessage()
 
 
 # --- dropout ---------------------------------------------------------------------------------------------
