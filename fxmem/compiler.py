@@ -19,6 +19,7 @@ import torch.fx as fx
 from fxmem import _compat
 from fxmem.config import FxmemConfig
 from fxmem.decompositions import eager_decompositions
+from fxmem.eager_ops import use_faster_ops
 from fxmem.partitioner import FxmemPartitioner
 from fxmem.report import GraphReport
 from fxmem.rng import replayed_devices, restoring_generators
@@ -83,9 +84,11 @@ def _mode_config(mode: str | None) -> dict[str, Any]:
 
 def _eager(gm: fx.GraphModule, example_inputs: Sequence[Any], partitioner: FxmemPartitioner) -> Any:
     def run_graph(graph_module: fx.GraphModule, _inputs: Any) -> Any:
+        use_faster_ops(graph_module)
         return _compat.boxed_graph_function(graph_module)
 
     def run_backward(graph_module: fx.GraphModule, _inputs: Any) -> Any:
+        use_faster_ops(graph_module)
         run = _compat.boxed_graph_function(graph_module)
         devices = replayed_devices(graph_module)
         return restoring_generators(run, devices) if devices else run
