@@ -10,15 +10,16 @@
 #                                    # 4 minutes): every fitting plan's measured peak under its budget,
 #                                    # predicted against measured peak (python -m fxmem.bench.sweep);
 #                                    # meanwhile the default plans of GPT-2 small, ResNet-18 and ViT
-#                                    # small, and ViT small's under 1100 MiB, run once; all write allocation
-#                                    # traces to $OUT/traces
+#                                    # small, ViT small's under 1100 MiB and torch.compile's ViT small
+#                                    # run once; all write allocation traces to $OUT/traces
 #                                    # (fxmem.bench.trace), replayed last against the simulator's
 #                                    # variants (python -m fxmem.bench.replay), and kernel by kernel
 #                                    # (--kernels, to $OUT/kernels.txt)
 #
 # Environment: OUT (results folder), PYTHON (default python3), RESNET (resnet18 | resnet50 | tiny ...),
 # JOBS (configurations compiling at once, default 3 on GPU), GPT_BUDGET_S / RESNET_BUDGET_S (seconds),
-# COMPAT=0 (skip the private-torch checks, e.g. when they already ran on a CPU with the same torch).
+# COMPAT=0 (skip the private-torch checks, e.g. when they already ran on a CPU with the same torch),
+# GPU_TESTS=0 (skip the tests marked gpu).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -69,6 +70,8 @@ fi
 # 1. GPU-only tests (those marked gpu), if pytest is there and any exist.
 if [ "$MODE" = cpu ]; then
     echo "== gpu tests: skipped (--cpu)"
+elif [ "${GPU_TESTS:-1}" = 0 ]; then
+    echo "== gpu tests: skipped (GPU_TESTS=0)"
 elif ! $PY -m pytest --version >/dev/null 2>&1; then
     echo "== gpu tests: skipped (pytest is not installed)"
 else
@@ -100,23 +103,24 @@ fi
 # 2. (--sweep) The absolute-budget sweep; beside it, the default plans of GPT-2 small, ResNet-18 and ViT
 # small and ViT small's under an absolute budget below its default's peak, one step each, all traced;
 # then the traces replayed against the simulator's variants.
-traced_step() {  # NAME SPEC SECONDS [OPTIONS_JSON]: one step of fxmem, traced
-    local options=${4:-"{}"}
-    timeout "$3" $PY -m fxmem.bench.runner --spec "$2" --label "$1 fxmem" \
-        --config "{\"system\": \"fxmem\", \"options\": $options}" \
+traced_step() {  # NAME SPEC SECONDS [OPTIONS_JSON [SYSTEM]]: one step of fxmem (or SYSTEM), traced
+    local options=${4:-"{}"} system=${5:-fxmem}
+    timeout "$3" $PY -m fxmem.bench.runner --spec "$2" --label "$1 $system" \
+        --config "{\"system\": \"$system\", \"options\": $options}" \
         --device "$DEVICE" --dtype "$DTYPE" --steps 2 --warmup 1 --trace "$OUT/traces" \
         >"$OUT/$1.json" 2>"$OUT/$1.log"
     echo "   $1: status $?; $(cut -c1-420 "$OUT/$1.json")"
 }
 if [ "$MODE" = sweep ]; then
     echo "== sweep: models/gpt.py:small ($DEVICE, $DTYPE), 5 absolute budgets; beside it the default plans of"
-    echo "   GPT-2 small, ResNet-18 and ViT small, and ViT small at memory_budget 1100MiB"
+    echo "   GPT-2 small, ResNet-18 and ViT small, ViT small at memory_budget 1100MiB, and torch.compile's ViT small"
     {
         traced_step gpt2_small models/gpt.py:gpt2_small 240
         traced_step resnet18 models/resnet.py:resnet18 150
         traced_step vit_small models/vit.py:vit_small 150
         traced_step vit_small_1100MiB models/vit.py:vit_small 150 \
             '{"memory_budget": "1100MiB", "on_infeasible": "best_effort"}'
+        traced_step vit_small_compile models/vit.py:vit_small 120 '{}' torch.compile
     } >"$OUT/beside.txt" 2>&1 &
     beside=$!
     timeout 420 $PY -m fxmem.bench.sweep models/gpt.py:small --device "$DEVICE" --dtype "$DTYPE" --points 5 \

@@ -4,7 +4,8 @@ The model is built on the CPU and traced, never run (tracing works on fake tenso
 captures AOTAutograd's joint graph (with Inductor's decompositions, as fxmem's eager codegen and Inductor
 see it) and stops the compile, and both partitioners then split private copies of it:
 
-* ``torch``: ``min_cut_rematerialization_partition`` with ``activation_memory_budget = B``;
+* ``torch``: ``min_cut_rematerialization_partition`` with ``activation_memory_budget = B`` (1.0, its
+  default, for ``none``);
 * ``fxmem``: fxmem's whole partition pass (PyTorch's min-cut for the reference, then capture, cost,
   solve, rewrite and simulate), planning for the ``--device`` profile, ``quantize="none"``.
 
@@ -17,7 +18,7 @@ fall, and which run pays for a garbage graph, would be luck: PyTorch's partition
 whatever runs next, and fxmem's pass, which pauses the collector, collects its own before it returns.
 
     python bench/planning_time.py                                  # GPT-2 small, 8x1024 (about two minutes)
-    python bench/planning_time.py --model gpt:tiny --budgets 0.5
+    python bench/planning_time.py --model gpt:tiny --budgets none 0.5
 """
 
 from __future__ import annotations
@@ -88,10 +89,20 @@ def _median_s(repeats: int, fn: Callable[..., None], gm: Any, *args: Any) -> tup
     return statistics.median(totals), statistics.median(collections)
 
 
+def _budget(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _shown(budget: float | None) -> str:
+    return "none" if budget is None else f"{budget:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt:gpt2-small", help="name:preset of models/")
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.4, 0.1])
+    parser.add_argument(
+        "--budgets", nargs="+", type=_budget, default=[0.7, 0.4, 0.1], help="fractions, or none (fxmem's default)"
+    )
     parser.add_argument("--device", default="h100", help="fxmem's device profile")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -109,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         reports: list = []
         partitioner.on_report = reports.append
 
-        torch_s, torch_collect_s = _median_s(args.repeats, _torch_partition, gm, joint_inputs, kwargs, budget)
+        torch_budget = 1.0 if budget is None else budget
+        torch_s, torch_collect_s = _median_s(args.repeats, _torch_partition, gm, joint_inputs, kwargs, torch_budget)
         fxmem_s, fxmem_collect_s = _median_s(args.repeats, _fxmem_partition, gm, joint_inputs, kwargs, partitioner)
         passes: dict[str, float] = {}
         for record in reports[-1].passes:
@@ -121,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         detail = ", ".join(f"{k} {v:.3f}" for k, v in passes.items())
         print(
-            f"{budget:6.2f} {torch_s:8.3f} {fxmem_s:8.3f} {row['ratio']:6.2f}   {detail}; "
+            f"{_shown(budget):>6s} {torch_s:8.3f} {fxmem_s:8.3f} {row['ratio']:6.2f}   {detail}; "
             f"collect torch {torch_collect_s:.3f}, fxmem {fxmem_collect_s:.3f}",
             flush=True,
         )

@@ -14,7 +14,6 @@ import gc
 import hashlib
 import itertools
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +31,7 @@ from fxmem.config import FxmemConfig
 from fxmem.cost import get_cost_model, resolve_profile
 from fxmem.decompositions import KEPT_WHOLE
 from fxmem.memory import outside_graph_bytes, predicted_saved_bytes, read_by_backward, saved_bytes, static_vals
+from fxmem.peaks import climb, fit_peak
 from fxmem.planner import PlanningInputs, build_problem, keep_thresholds_exact, unbudgeted_added_s, without_budget
 from fxmem.report import GraphReport, record_report, tensor_rows
 from fxmem.rewrite import save_inputs_in_place, split
@@ -42,10 +42,6 @@ from fxmem.solve.mincut import solve_mincut
 
 log = logging.getLogger(__name__)
 _graph_ids = itertools.count()
-# The plans tried in turn to bring the simulated peak under an absolute budget: the least-time plan
-# (``inf``: no limit on held bytes), then plans holding fractions of what torch.compile's default holds
-# (of what the least-time plan holds, without the default). None depends on the budget.
-_PEAK_LADDER = (math.inf, 1.0, 0.7, 0.5, 0.35, 0.25, 0.17, 0.11, 0.07, 0.04, 0.02, 0.0)
 
 
 # Set by fxmem.inspect: simulate torch.compile's default partition too, for the timeline picture. Building
@@ -360,12 +356,20 @@ def _plan_and_split(
 ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """fxmem's forward and backward for ``gm``, a joint graph of fxmem's own (it is rewritten)."""
     budget = config.memory_budget
+
+    def plan_at(held: float | None) -> _Attempt:  # with no budget for ``None``
+        held_config = config if held is not None else replace(config, memory_budget=None)
+        return _attempt(_copy(gm), num_fwd_outputs, static, held_config, reference, report, held)
+
     if isinstance(budget, int):
-        attempt = _fit_peak(gm, num_fwd_outputs, static, config, reference, report, budget)
+        attempt = fit_peak(plan_at, lambda: _lower_peak(plan_at, reference, report), budget, reference)
         feasible = attempt.timeline.peak_bytes <= budget
+    elif budget is None:
+        attempt = _lower_peak(plan_at, reference, report)
+        feasible = True  # with no budget the time bound is a preference
     else:
         attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report)
-        feasible = attempt.plan.feasible or budget is None  # with no budget the time bound is a preference
+        feasible = attempt.plan.feasible
     if not feasible:
         _infeasible(config, report, attempt)
     plan = attempt.plan
@@ -380,45 +384,21 @@ def _plan_and_split(
     return attempt.fw, attempt.bw
 
 
-def _fit_peak(
-    gm: fx.GraphModule, num_fwd_outputs: int, static: list[int], config: FxmemConfig, reference: int | None,
-    report: GraphReport, budget: int,
-) -> _Attempt:  # fmt: skip
-    """An absolute budget bounds the simulated peak, which is not monotonic in the bytes a plan holds
-    (recomputing more makes larger transients). Try the plans of ``_PEAK_LADDER``, holding ever fewer
-    bytes in an order no budget changes, and take the first whose peak fits: the least added time among
-    them, and a smaller budget can only move the choice later in the order, to a plan whose peak is no
-    larger. None fits: the lowest peak. The plan fxmem makes with no budget (lossless, little added time)
-    takes its place in that order by the bytes it holds: its peak can be lower than that of a plan which
-    holds as much by recomputing other nodes (ViT small on an H200: 1261 MiB predicted against 1370)."""
-    first = _attempt(_copy(gm), num_fwd_outputs, static, config, reference, report, _PEAK_LADDER[0])
-    if first.timeline.peak_bytes <= budget:
-        return first
-    unbudgeted = _attempt(_copy(gm), num_fwd_outputs, static, replace(config, memory_budget=None), reference, report)
-    scale = reference or first.plan.saved_bytes
-    best = first
-    for attempt in _ladder(gm, num_fwd_outputs, static, config, reference, report, scale, unbudgeted):
-        if attempt.timeline.peak_bytes <= budget:
-            return attempt
-        if attempt.timeline.peak_bytes < best.timeline.peak_bytes:
-            best = attempt
-    return best
-
-
-def _ladder(
-    gm: fx.GraphModule, num_fwd_outputs: int, static: list[int], config: FxmemConfig, reference: int | None,
-    report: GraphReport, scale: float, unbudgeted: _Attempt,
-) -> Iterator[_Attempt]:  # fmt: skip
-    """The plans after the first rung, each planned only when asked for, with ``unbudgeted`` before the
-    first rung that may hold fewer bytes than it does."""
-    pending: _Attempt | None = unbudgeted
-    for fraction in _PEAK_LADDER[1:]:
-        if pending is not None and fraction * scale < pending.plan.saved_bytes:
-            yield pending
-            pending = None
-        yield _attempt(_copy(gm), num_fwd_outputs, static, config, reference, report, fraction * scale)
-    if pending is not None:
-        yield pending
+def _lower_peak(plan_at: Callable[[float | None], _Attempt], reference: int | None, report: GraphReport) -> _Attempt:
+    """The plan made with no budget, or one holding more bytes for a lower peak (``fxmem.peaks.climb``)
+    within the same added time, up to the bytes torch.compile's default holds. (A fraction does not climb:
+    it bounds held bytes, and each plan tried costs about a whole planning.)"""
+    fewest = plan_at(None)
+    ceiling = reference or sum(node.save_bytes for node in fewest.problem_inputs.problem.nodes)
+    chosen, tried = climb(plan_at, fewest, ceiling, unbudgeted_added_s(fewest.problem_inputs.step_s))
+    if chosen is not fewest:
+        chosen.plan.notes.append(f"{_UNBUDGETED} holds {chosen.plan.saved_bytes} bytes, for a lower peak")
+    report.add_pass(  # timed in the passes of the plans tried, listed before it
+        "climb", time.perf_counter(), f"{tried} plans holding more tried; the fewest bytes "
+        f"({fewest.plan.saved_bytes}) peak at {fewest.timeline.peak_bytes}, the plan taken "
+        f"({chosen.plan.saved_bytes}) at {chosen.timeline.peak_bytes}",
+    )  # fmt: skip
+    return chosen
 
 
 def _held_for_good(attempt: _Attempt) -> str:
