@@ -19,7 +19,8 @@
 # Environment: OUT (results folder), PYTHON (default python3), RESNET (resnet18 | resnet50 | tiny ...),
 # JOBS (configurations compiling at once, default 3 on GPU), GPT_BUDGET_S / RESNET_BUDGET_S (seconds),
 # COMPAT=0 (skip the private-torch checks, e.g. when they already ran on a CPU with the same torch),
-# GPU_TESTS=0 (skip the tests marked gpu).
+# GPU_TESTS=0 (skip the tests marked gpu), REPLAY=0 (--sweep: leave the replays of the traces, which need
+# no GPU, to another machine: python -m fxmem.bench.replay [--kernels] $OUT/traces).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -129,15 +130,17 @@ if [ "$MODE" = sweep ]; then
     echo "   status $? after $(($(date +%s) - START)) s; log: $OUT/sweep.log"
     wait "$beside"
     cat "$OUT/beside.txt"
-    timeout 120 $PY -m fxmem.bench.replay "$OUT/traces" >"$OUT/replay.txt" 2>"$OUT/replay.log"
-    echo "   replay: status $? after $(($(date +%s) - START)) s"
-    timeout 60 $PY -m fxmem.bench.replay --kernels "$OUT/traces" >"$OUT/kernels.txt" 2>>"$OUT/replay.log"
-    echo "   kernel by kernel: status $?; $OUT/kernels.txt"
+    if [ "${REPLAY:-1}" != 0 ]; then
+        timeout 120 $PY -m fxmem.bench.replay "$OUT/traces" >"$OUT/replay.txt" 2>"$OUT/replay.log"
+        echo "   replay: status $? after $(($(date +%s) - START)) s"
+        timeout 60 $PY -m fxmem.bench.replay --kernels "$OUT/traces" >"$OUT/kernels.txt" 2>>"$OUT/replay.log"
+        echo "   kernel by kernel: status $?; $OUT/kernels.txt"
+    fi
     echo
     cat "$OUT/sweep.txt"
     echo
     echo "== traced steps replayed (error of each predicted peak against the measured one)"
-    cat "$OUT/replay.txt"
+    cat "$OUT/replay.txt" 2>/dev/null || echo "   not run (REPLAY=0): python -m fxmem.bench.replay $OUT/traces"
     exit 0
 fi
 
