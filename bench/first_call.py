@@ -16,7 +16,7 @@ is charged what the process's first compile imports and warms up (``import fxmem
 script that trains one model once would see.
 
     python bench/first_call.py                         # bundled tiny models and gpt small (a minute or two)
-    python bench/first_call.py --models gpt:small --budgets 0.4 --json out.json
+    python bench/first_call.py --models gpt:small --budgets none 0.4 --json out.json
     python bench/first_call.py --cold --models mlp:tiny gpt:tiny --budgets 0.4
 """
 
@@ -39,22 +39,27 @@ import torch._functorch.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.budget_arg import budget_text, fraction_or_none  # noqa: E402
+
 DEFAULT_MODELS = (
     "mlp:tiny", "mlp:tiny-dropout", "gpt:tiny", "gpt:tiny-dropout", "vit:tiny", "resnet:tiny", "gpt:small",
 )  # fmt: skip
 SYSTEMS = ("torch", "torch-decomp", "fxmem")
 
 
-def _backend(system: str, budget: float) -> tuple[Any, float]:
-    """The backend and the ``activation_memory_budget`` to run it under."""
+def _backend(system: str, budget: float | None) -> tuple[Any, float]:
+    """The backend and the ``activation_memory_budget`` to run it under (1.0, PyTorch's default, for
+    fxmem's ``None``)."""
     if system == "fxmem":
         import fxmem  # here, so that a cold first call is charged the import
 
         return fxmem.backend(memory_budget=budget, codegen="eager", quantize="none"), 1.0
-    return {"torch": "aot_eager", "torch-decomp": "aot_eager_decomp_partition"}[system], budget
+    return {"torch": "aot_eager", "torch-decomp": "aot_eager_decomp_partition"}[
+        system
+    ], 1.0 if budget is None else budget
 
 
-def first_call_s(build: Callable[[], tuple[torch.nn.Module, tuple]], system: str, budget: float) -> float:
+def first_call_s(build: Callable[[], tuple[torch.nn.Module, tuple]], system: str, budget: float | None) -> float:
     torch._dynamo.reset()
     model, inputs = build()
     gc.collect()  # each first call starts from a collected heap, so when collections fall is not luck
@@ -65,9 +70,9 @@ def first_call_s(build: Callable[[], tuple[torch.nn.Module, tuple]], system: str
     return time.perf_counter() - started
 
 
-def cold_first_call_s(spec: str, system: str, budget: float) -> float:
+def cold_first_call_s(spec: str, system: str, budget: float | None) -> float:
     """One first call in a fresh interpreter, which prints its time."""
-    command = [sys.executable, __file__, "--one", system, spec, str(budget)]
+    command = [sys.executable, __file__, "--one", system, spec, budget_text(budget)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return float(done.stdout.split()[-1])
 
@@ -81,7 +86,9 @@ def _builder(spec: str) -> Callable[[], tuple[torch.nn.Module, tuple]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="name:preset of models/")
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.4, 0.1])
+    parser.add_argument(
+        "--budgets", nargs="+", type=fraction_or_none, default=[0.7, 0.4, 0.1], help="fractions, or none"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--cold", action="store_true", help="each first call in a fresh interpreter")
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.one:  # a child of --cold: one first call, its time printed last
         system, spec, budget = args.one
-        print(first_call_s(_builder(spec), system, float(budget)))
+        print(first_call_s(_builder(spec), system, fraction_or_none(budget)))
         return 0
 
     if args.cold:
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             row["ratio_decomp"] = times["fxmem"] / times["torch-decomp"]
             rows.append(row)
             print(
-                f"{spec:12s} {budget:6.2f} " + " ".join(f"{times[s]:14.2f}" for s in SYSTEMS)
+                f"{spec:12s} {budget_text(budget):>6s} " + " ".join(f"{times[s]:14.2f}" for s in SYSTEMS)
                 + f"  {row['ratio_torch']:11.2f}  {row['ratio_decomp']:12.2f}",
                 flush=True,
             )  # fmt: skip

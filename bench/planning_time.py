@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.budget_arg import budget_text, fraction_or_none  # noqa: E402
 from fxmem import _compat  # noqa: E402
 from fxmem.bench.measure import joint_graphs  # noqa: E402
 from fxmem.config import FxmemConfig  # noqa: E402
@@ -89,19 +90,15 @@ def _median_s(repeats: int, fn: Callable[..., None], gm: Any, *args: Any) -> tup
     return statistics.median(totals), statistics.median(collections)
 
 
-def _budget(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
-
-
-def _shown(budget: float | None) -> str:
-    return "none" if budget is None else f"{budget:.2f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt:gpt2-small", help="name:preset of models/")
     parser.add_argument(
-        "--budgets", nargs="+", type=_budget, default=[0.7, 0.4, 0.1], help="fractions, or none (fxmem's default)"
+        "--budgets",
+        nargs="+",
+        type=fraction_or_none,
+        default=[0.7, 0.4, 0.1],
+        help="fractions, or none (fxmem's default)",
     )
     parser.add_argument("--device", default="h100", help="fxmem's device profile")
     parser.add_argument("--repeats", type=int, default=3)
@@ -133,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         detail = ", ".join(f"{k} {v:.3f}" for k, v in passes.items())
         print(
-            f"{_shown(budget):>6s} {torch_s:8.3f} {fxmem_s:8.3f} {row['ratio']:6.2f}   {detail}; "
+            f"{budget_text(budget):>6s} {torch_s:8.3f} {fxmem_s:8.3f} {row['ratio']:6.2f}   {detail}; "
             f"collect torch {torch_collect_s:.3f}, fxmem {fxmem_collect_s:.3f}",
             flush=True,
         )

@@ -361,20 +361,28 @@ def _plan_and_split(
         held_config = config if held is not None else replace(config, memory_budget=None)
         return _attempt(_copy(gm), num_fwd_outputs, static, held_config, reference, report, held)
 
+    def unbudgeted() -> _Attempt:  # the plan made with no budget
+        fewest = plan_at(None)
+        return _lower_peak(plan_at, fewest, reference or _all_bytes(fewest), report)
+
     if isinstance(budget, int):
-        attempt = fit_peak(plan_at, lambda: _lower_peak(plan_at, reference, report), budget, reference)
+        attempt = fit_peak(plan_at, unbudgeted, budget, reference)
         feasible = attempt.timeline.peak_bytes <= budget
     elif budget is None:
-        attempt = _lower_peak(plan_at, reference, report)
+        attempt = unbudgeted()
         feasible = True  # with no budget the time bound is a preference
-    else:
-        attempt = _attempt(gm, num_fwd_outputs, static, config, reference, report)
+    else:  # a fraction looks for a lower peak under Inductor only, whose compile outweighs many plannings
+        climbs = config.codegen == "inductor"
+        attempt = _attempt(_copy(gm) if climbs else gm, num_fwd_outputs, static, config, reference, report)
+        if climbs and any(note.startswith(_UNBUDGETED) for note in attempt.plan.notes):
+            attempt = _lower_peak(plan_at, attempt, attempt.problem_inputs.problem.budget_bytes, report)
         feasible = attempt.plan.feasible
     if not feasible:
         _infeasible(config, report, attempt)
     plan = attempt.plan
     report.plan = plan
-    report.budget_bytes = float(budget) if isinstance(budget, int) else attempt.problem_inputs.problem.budget_bytes
+    # (a plan tried for its peak was solved under a byte budget of its own: the report keeps the user's)
+    report.budget_bytes = budget * reference if isinstance(budget, float) and reference else budget
     report.timeline = attempt.timeline
     report.predicted_peak_bytes = attempt.timeline.peak_bytes
     report.predicted_saved_bytes = predicted_saved_bytes(
@@ -384,12 +392,17 @@ def _plan_and_split(
     return attempt.fw, attempt.bw
 
 
-def _lower_peak(plan_at: Callable[[float | None], _Attempt], reference: int | None, report: GraphReport) -> _Attempt:
-    """The plan made with no budget, or one holding more bytes for a lower peak (``fxmem.peaks.climb``)
-    within the same added time, up to the bytes torch.compile's default holds. (A fraction does not climb:
-    it bounds held bytes, and each plan tried costs about a whole planning.)"""
-    fewest = plan_at(None)
-    ceiling = reference or sum(node.save_bytes for node in fewest.problem_inputs.problem.nodes)
+def _all_bytes(attempt: _Attempt) -> int:
+    return sum(node.save_bytes for node in attempt.problem_inputs.problem.nodes)
+
+
+def _lower_peak(
+    plan_at: Callable[[float | None], _Attempt], fewest: _Attempt, ceiling: float, report: GraphReport
+) -> _Attempt:
+    """``fewest``, the fewest bytes within the added time no budget allows, or a plan holding more, up to
+    ``ceiling`` (what torch.compile's default holds, or what a fraction allows), for a lower peak within
+    the same added time (``fxmem.peaks.climb``). Each plan tried costs about a whole planning: with the
+    eager codegen, where planning is much of the first call, only no budget climbs."""
     chosen, tried = climb(plan_at, fewest, ceiling, unbudgeted_added_s(fewest.problem_inputs.step_s))
     if chosen is not fewest:
         chosen.plan.notes.append(f"{_UNBUDGETED} holds {chosen.plan.saved_bytes} bytes, for a lower peak")

@@ -230,6 +230,24 @@ def test_with_no_budget_more_is_held_where_that_lowers_the_peak():
     assert allocated[None] < allocated[0.7], allocated
 
 
+def test_under_inductor_a_fraction_looks_for_a_lower_peak_within_its_bytes():
+    """Under Inductor's codegen a fraction that the fewest bytes meet climbs as no budget does, within the
+    bytes it allows: on gpt tiny with dropout 0.7 and 0.4 run no budget's plan, which holds twice the
+    fewest bytes at a 12% lower peak; 0.1, below the fewest bytes, does not climb."""
+    model, inputs = build("gpt", "tiny-dropout")
+    chosen = fxmem.inspect(model, *inputs, codegen="inductor")
+    reference = chosen.reference_saved_bytes
+    for budget in (0.7, 0.4):
+        report = fxmem.inspect(model, *inputs, codegen="inductor", memory_budget=budget)
+        (climb,) = [summary for _, name, _, summary in report.passes if name == "climb"]
+        fewest_peak = int(climb.split(" peak at ")[1].split(",")[0])
+        assert report.predicted_peak_bytes == chosen.predicted_peak_bytes < 0.9 * fewest_peak, budget
+        assert report.predicted_saved_bytes == chosen.predicted_saved_bytes <= budget * reference
+        assert report.budget_bytes == pytest.approx(budget * reference)
+    below = fxmem.inspect(model, *inputs, codegen="inductor", memory_budget=0.1)
+    assert not any(name == "climb" for _, name, _, _ in below.passes)
+
+
 def test_absolute_budgets_bound_the_peak_monotonically(caplog):
     """A sweep of absolute budgets around the lossless plan's peak: each one at or above the smallest peak
     fxmem can reach (what a budget of two bytes runs with) is met, each one below is not, and a smaller

@@ -295,6 +295,7 @@ def test_sweep_budgets_span_the_predicted_peaks() -> None:
     assert sweep_budgets(1000, 600, 5) == [1000, 900, 800, 700, 600]
     assert sweep_budgets(600, 1000, 3) == [1000, 800, 600]  # either order
     assert sweep_budgets(1000, 600, 1) == [800]
+    assert sweep_budgets(600, 600, 5) == [600]  # each budget once
     with pytest.raises(ValueError, match="points"):
         sweep_budgets(1000, 600, 0)
 
