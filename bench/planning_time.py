@@ -7,7 +7,8 @@ see it) and stops the compile, and both partitioners then split private copies o
 * ``torch``: ``min_cut_rematerialization_partition`` with ``activation_memory_budget = B`` (1.0, its
   default, for ``none``);
 * ``fxmem``: fxmem's whole partition pass (PyTorch's min-cut for the reference, then capture, cost,
-  solve, rewrite and simulate), planning for the ``--device`` profile, ``quantize="none"``.
+  solve, rewrite and simulate), planning for the ``--device`` profile, ``quantize="none"``, for the
+  eager codegen unless ``--codegen inductor``.
 
 Times are the median of ``--repeats`` runs per budget, each on a fresh copy of the graph (not timed), after a
 full garbage collection and with lazy graph modules, as inside ``torch.compile``. Each run is charged its
@@ -102,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="h100", help="fxmem's device profile")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--codegen", choices=("eager", "inductor"), default="eager",
+        help="fxmem's codegen: under inductor, no budget (and a fraction the fewest bytes meet) also tries "
+        "plans holding more for a lower peak",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{header}   fxmem passes, then each side's collection (s)")
     rows = []
     for budget in args.budgets:
-        partitioner = FxmemPartitioner(FxmemConfig(memory_budget=budget, device=args.device, codegen="eager"))
+        config = FxmemConfig(memory_budget=budget, device=args.device, codegen=args.codegen)
+        partitioner = FxmemPartitioner(config)
         reports: list = []
         partitioner.on_report = reports.append
 

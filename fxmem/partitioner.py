@@ -361,22 +361,26 @@ def _plan_and_split(
         held_config = config if held is not None else replace(config, memory_budget=None)
         return _attempt(_copy(gm), num_fwd_outputs, static, held_config, reference, report, held)
 
+    # Looking for a lower peak costs about a planning per plan tried (GPT-2 small's: 0.9 s, then 2.6 s).
+    # Under Inductor that is little beside its compile, and there recomputation fuses into early kernels
+    # of the backward; with the eager codegen planning is much of the first call (gpt tiny-dropout's,
+    # with no budget: 3.0x aot_eager's with it), so that plans once.
+    climbs = config.codegen == "inductor"
+
     def unbudgeted() -> _Attempt:  # the plan made with no budget
         fewest = plan_at(None)
-        return _lower_peak(plan_at, fewest, reference or _all_bytes(fewest), report)
+        return _lower_peak(plan_at, fewest, reference or _all_bytes(fewest), report) if climbs else fewest
 
     if isinstance(budget, int):
         attempt = fit_peak(plan_at, unbudgeted, budget, reference)
         feasible = attempt.timeline.peak_bytes <= budget
-    elif budget is None:
-        attempt = unbudgeted()
-        feasible = True  # with no budget the time bound is a preference
-    else:  # a fraction looks for a lower peak under Inductor only, whose compile outweighs many plannings
-        climbs = config.codegen == "inductor"
+    else:
         attempt = _attempt(_copy(gm) if climbs else gm, num_fwd_outputs, static, config, reference, report)
-        if climbs and any(note.startswith(_UNBUDGETED) for note in attempt.plan.notes):
-            attempt = _lower_peak(plan_at, attempt, attempt.problem_inputs.problem.budget_bytes, report)
-        feasible = attempt.plan.feasible
+        if climbs and (budget is None or any(note.startswith(_UNBUDGETED) for note in attempt.plan.notes)):
+            fraction_bytes = attempt.problem_inputs.problem.budget_bytes
+            ceiling = (reference or _all_bytes(attempt)) if budget is None else fraction_bytes
+            attempt = _lower_peak(plan_at, attempt, ceiling, report)
+        feasible = attempt.plan.feasible or budget is None  # with no budget the time bound is a preference
     if not feasible:
         _infeasible(config, report, attempt)
     plan = attempt.plan
@@ -401,8 +405,7 @@ def _lower_peak(
 ) -> _Attempt:
     """``fewest``, the fewest bytes within the added time no budget allows, or a plan holding more, up to
     ``ceiling`` (what torch.compile's default holds, or what a fraction allows), for a lower peak within
-    the same added time (``fxmem.peaks.climb``). Each plan tried costs about a whole planning: with the
-    eager codegen, where planning is much of the first call, only no budget climbs."""
+    the same added time (``fxmem.peaks.climb``)."""
     chosen, tried = climb(plan_at, fewest, ceiling, unbudgeted_added_s(fewest.problem_inputs.step_s))
     if chosen is not fewest:
         chosen.plan.notes.append(f"{_UNBUDGETED} holds {chosen.plan.saved_bytes} bytes, for a lower peak")
