@@ -361,10 +361,10 @@ def _plan_and_split(
         held_config = config if held is not None else replace(config, memory_budget=None)
         return _attempt(_copy(gm), num_fwd_outputs, static, held_config, reference, report, held)
 
-    # Looking for a lower peak costs about a planning per plan tried (GPT-2 small's: 0.9 s, then 2.6 s).
-    # Under Inductor that is little beside its compile, and there recomputation fuses into early kernels
-    # of the backward; with the eager codegen planning is much of the first call (gpt tiny-dropout's,
-    # with no budget: 3.0x aot_eager's with it), so that plans once.
+    # Looking for a lower peak costs about a planning per plan tried. Under Inductor that is little beside
+    # its compile, and there recomputation fuses into early kernels of the backward; with the eager codegen
+    # planning is much of the first call (gpt tiny-dropout's with no budget: 3.0x aot_eager's with the
+    # search), so that plans once.
     climbs = config.codegen == "inductor"
 
     def unbudgeted() -> _Attempt:  # the plan made with no budget

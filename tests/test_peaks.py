@@ -49,14 +49,21 @@ def test_holding_more_is_taken_while_the_peak_falls_then_halfway_is_tried():
 
 def test_the_climb_keeps_within_the_added_time_and_the_ceiling():
     # The peak falls all the way up, but holding 800 bytes or more would cost too much time.
-    plan_at, asked = _planner(peak=lambda held: 10_000 - held, added=lambda held: 2.0 if held >= 800 else 0.5)
+    plan_at, asked = _planner(peak=lambda held: 1e8 / held, added=lambda held: 2.0 if held >= 800 else 0.5)
     chosen, _ = climb(plan_at, plan_at(None), CEILING, max_added_s=1.0)
     assert chosen.plan.saved_bytes == pytest.approx(math.sqrt(400 * 800))
     # With time to spare it stops at the ceiling, having asked for no more.
-    plan_at, asked = _planner(peak=lambda held: 20_000 - held)
+    plan_at, asked = _planner(peak=lambda held: 1e8 / held)
     chosen, _ = climb(plan_at, plan_at(None), CEILING, max_added_s=1.0)
     assert chosen.plan.saved_bytes == CEILING
     assert max(a for a in asked if a is not None) == CEILING
+
+
+def test_a_step_that_gains_little_is_taken_and_ends_the_search():
+    """Each plan tried costs a planning: one that lowers the peak by under 5% is the last tried."""
+    plan_at, asked = _planner(peak=lambda held: 100_000 - held)  # 100 bytes off a 99,900-byte peak
+    chosen, tried = climb(plan_at, plan_at(None), CEILING, max_added_s=1.0)
+    assert tried == 1 and chosen.plan.saved_bytes == 2 * FEWEST
 
 
 def test_a_plan_with_nothing_held_climbs_from_a_share_of_the_ceiling():
