@@ -14,6 +14,7 @@ import gc
 import hashlib
 import itertools
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -279,7 +280,7 @@ def _attempt(
     profile = calibrated_profile(joint.device) if config.calibrate else resolve_profile(config.device, joint.device)
     inputs = build_problem(joint, config, get_cost_model(config.cost_model, profile), reference)
     if saved_budget is not None:  # (no plan holds more than every node)
-        inputs.problem.budget_bytes = min(max(0.0, saved_budget), sum(n.save_bytes for n in inputs.problem.nodes))
+        inputs.problem.budget_bytes = min(max(0.0, saved_budget), inputs.problem.all_bytes())
     report.device_profile = profile.name
     report.estimated_step_s = inputs.step_s
     report.add_pass("cost", t, f"{len(inputs.problem.nodes)} solver nodes on the {profile.name} profile")
@@ -369,7 +370,7 @@ def _plan_and_split(
 
     def unbudgeted() -> _Attempt:  # the plan made with no budget
         fewest = plan_at(None)
-        return _lower_peak(plan_at, fewest, reference or _all_bytes(fewest), report) if climbs else fewest
+        return _lower_peak(plan_at, fewest, reference, report) if climbs else fewest
 
     if isinstance(budget, int):
         attempt = fit_peak(plan_at, unbudgeted, budget, reference)
@@ -377,9 +378,7 @@ def _plan_and_split(
     else:
         attempt = _attempt(_copy(gm) if climbs else gm, num_fwd_outputs, static, config, reference, report)
         if climbs and (budget is None or any(note.startswith(_UNBUDGETED) for note in attempt.plan.notes)):
-            fraction_bytes = attempt.problem_inputs.problem.budget_bytes
-            ceiling = (reference or _all_bytes(attempt)) if budget is None else fraction_bytes
-            attempt = _lower_peak(plan_at, attempt, ceiling, report)
+            attempt = _lower_peak(plan_at, attempt, reference, report)
         feasible = attempt.plan.feasible or budget is None  # with no budget the time bound is a preference
     if not feasible:
         _infeasible(config, report, attempt)
@@ -396,16 +395,14 @@ def _plan_and_split(
     return attempt.fw, attempt.bw
 
 
-def _all_bytes(attempt: _Attempt) -> int:
-    return sum(node.save_bytes for node in attempt.problem_inputs.problem.nodes)
-
-
 def _lower_peak(
-    plan_at: Callable[[float | None], _Attempt], fewest: _Attempt, ceiling: float, report: GraphReport
+    plan_at: Callable[[float | None], _Attempt], fewest: _Attempt, reference: int | None, report: GraphReport
 ) -> _Attempt:
     """``fewest``, the fewest bytes within the added time no budget allows, or a plan holding more, up to
-    ``ceiling`` (what torch.compile's default holds, or what a fraction allows), for a lower peak within
-    the same added time (``fxmem.peaks.climb``)."""
+    what torch.compile's default holds and what ``fewest``'s budget allows (a fraction's), for a lower
+    peak within the same added time (``fxmem.peaks.climb``)."""
+    problem = fewest.problem_inputs.problem
+    ceiling = min(reference or problem.all_bytes(), math.inf if problem.budget_bytes is None else problem.budget_bytes)
     chosen, tried = climb(plan_at, fewest, ceiling, unbudgeted_added_s(fewest.problem_inputs.step_s))
     if chosen is not fewest:
         chosen.plan.notes.append(f"{_UNBUDGETED} holds {chosen.plan.saved_bytes} bytes, for a lower peak")

@@ -66,6 +66,10 @@ class Problem:
                 raise ValueError(f"node {node.name!r} reads {missing} before they are defined")
             seen.add(node.name)
 
+    def all_bytes(self) -> int:
+        """What every node held as it is would take: no plan holds more."""
+        return sum(node.save_bytes for node in self.nodes)
+
     def needed(self) -> set[str]:
         """Names of the nodes the backward could possibly touch: required ones and their ancestors."""
         return {node.name for node in self.reached(lambda node: True)}
