@@ -384,8 +384,12 @@ def _plan_and_split(
         _infeasible(config, report, attempt)
     plan = attempt.plan
     report.plan = plan
-    # (a plan tried for its peak was solved under a byte budget of its own: the report keeps the user's)
-    report.budget_bytes = budget * reference if isinstance(budget, float) and reference else budget
+    # (a plan tried for its peak was solved under a byte budget of its own: the report keeps the user's;
+    # a fraction has a reference, build_problem needs one)
+    if isinstance(budget, float):
+        report.budget_bytes = budget * reference
+    else:
+        report.budget_bytes = None if budget is None else float(budget)
     report.timeline = attempt.timeline
     report.predicted_peak_bytes = attempt.timeline.peak_bytes
     report.predicted_saved_bytes = predicted_saved_bytes(
