@@ -70,6 +70,21 @@ def view_chain(node: fx.Node) -> tuple[list[fx.Node], fx.Node]:
     return chain, node
 
 
+def is_result_item(node: fx.Node) -> bool:
+    """Whether ``node`` takes one of an op's several results that owns its storage (not an item of a list
+    of views, nor a result the op did not compute)."""
+    source = node.args[0] if node.target is operator.getitem and node.args else None
+    if not isinstance(source, fx.Node) or source.op != "call_function":
+        return False
+    return isinstance(node.meta.get("val"), torch.Tensor) and view_source(node) is None
+
+
+def result_items(node: fx.Node) -> list[fx.Node]:
+    """The items of an op's several results that own their storage (``is_result_item``): the op allocates
+    them all, and each is freed after its own last reader. A recorded graph keeps their values only."""
+    return [u for u in node.users if is_result_item(u)]
+
+
 def storage_node(node: fx.Node) -> fx.Node:
     """The node whose value owns ``node``'s storage: ``node`` itself unless it is a view."""
     return view_chain(node)[1]

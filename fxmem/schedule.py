@@ -13,12 +13,18 @@ follows ``Scheduler.fuse_nodes`` (torch 2.11):
   within 64 kernels of the group's first (horizontal fusion; ``are_long_distant_nodes``);
 * it does not join when a kernel it needs, after the group's first, needs the group (a cycle), nor past
   64 kernels in a group; of several groups it joins the one it shares the most bytes with;
-* groups run in the order of their first kernel, each kernel's dependencies right before it
-  (``topological_sort_schedule``): a kernel that moves up takes what it needs with it.
+* the groups run in the order of their first kernel, each after the groups it needs
+  (``topological_sort_schedule``), unless Inductor's reordering for peak memory estimates another order
+  lower (``fxmem.reorder``); an op's several results follow it.
+
+Matmuls, convolutions, fallbacks and the ops whose inputs Inductor realizes run as kernels of their own,
+except the max-pool gradient: Inductor lowers it to a loop that gathers the output's gradient through
+indices it computes inline, unless dilated or over 25 windows per element.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -27,7 +33,8 @@ import torch.fx as fx
 
 from fxmem import _compat
 from fxmem.capture import op_kind
-from fxmem.memory import returns_view, storage_bytes
+from fxmem.memory import argument, result_items, returns_view, storage_bytes
+from fxmem.reorder import kernel_graph, reorder_for_peak_memory
 
 HORIZONTAL_WINDOW = 64  # Inductor's are_long_distant_nodes
 MAX_FUSION_SIZE = 64  # torch._inductor.config.max_fusion_size
@@ -42,9 +49,26 @@ def node_kind(node: fx.Node) -> str:
 
 def is_extern_kernel(node: fx.Node) -> bool:
     """Whether Inductor runs a call node as a matmul, an extern or a fallback kernel, not a loop."""
-    if node.target is operator.getitem:
+    if node.target is operator.getitem or _max_pool_gradient_in_loops(node):
         return False
     return node_kind(node) == "matmul" or _compat.inductor_reads_realized_inputs(node.target)
+
+
+def _max_pool_gradient_in_loops(node: fx.Node) -> bool:
+    """Whether Inductor lowers a max-pool gradient to a loop that gathers the output's gradient through
+    the indices (inlining their computation), as it does unless dilated or over 25 windows per element."""
+    if node.target is not torch.ops.aten.max_pool2d_with_indices_backward.default:
+        return False
+    kernel, stride, dilation = (argument(node, name) for name in ("kernel_size", "stride", "dilation"))
+    stride = stride or kernel
+    if any(d != 1 for d in ([dilation] * 2 if isinstance(dilation, int) else dilation)):
+        return False
+    return math.prod(_windows(k, s) for k, s in zip(kernel, stride, strict=False)) <= 25
+
+
+def _windows(kernel: int, stride: int) -> int:
+    """The most pooling windows along one dimension that an input element falls in (Inductor's count)."""
+    return max(max(h // stride - max(0, (h - kernel) // stride), 1) for h in range(kernel * 2))
 
 
 def graph_order(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
@@ -103,6 +127,9 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
         group.members.append(kernel)
         group.mask |= 1 << index[kernel]
         group.buffers |= touched
+    chosen = reorder_for_peak_memory(kernel_graph(gm, [g.members for g in groups], stored, is_extern_kernel))
+    if chosen is not None:
+        groups = [groups[i] for i in chosen]
     order: list[fx.Node] = []
     done: set[fx.Node] = set()
     for node in [*gm.graph.find_nodes(op="placeholder"), *(m for g in groups for m in g.members), *nodes]:
@@ -178,8 +205,10 @@ def _visit(node: fx.Node, done: set[fx.Node], order: list[fx.Node]) -> None:
         if current in done:
             continue
         if ready:
-            done.add(current)
-            order.append(current)
+            # An op of several results allocates them all: its items follow it.
+            for taken in [current, *(i for i in result_items(current) if i not in done)]:
+                done.add(taken)
+                order.append(taken)
             continue
         stack.append((current, True))
         stack.extend((a, False) for a in reversed(current.all_input_nodes) if a not in done)

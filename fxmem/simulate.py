@@ -5,9 +5,10 @@ freeing it after its last reader (a view shares its base's storage). What the fo
 into the backward; gradients stay live to the end; parameters and buffers are a constant floor.
 With ``fused=True`` it follows Inductor: only the nodes Inductor writes to memory hold any (most
 pointwise and view nodes are computed inside the kernels that read them), kernels run in the order of a
-model of Inductor's scheduler fusion (``fxmem.schedule``), an input an inlined node reads stays live
-until the last kernel that computes it, the graph's memory gets an allowance for what that model
-misses, and a dead buffer waits for the next allocation of its size as in Inductor's buffer pool.
+model of Inductor's scheduler fusion and reordering (``fxmem.schedule``, ``fxmem.reorder``), an op of
+several results holds them all from the op on, an input an inlined node reads stays live until the last
+kernel that computes it, the graph's memory gets an allowance for what that model misses, and a dead
+buffer waits for the next allocation of its size as in Inductor's buffer pool.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.fx as fx
 
 from fxmem import _compat
 from fxmem.capture import op_name
-from fxmem.memory import channels_last_copies, storage_bytes, storage_key, view_source
+from fxmem.memory import channels_last_copies, is_result_item, result_items, storage_bytes, storage_key, view_source
 from fxmem.schedule import fused_schedule, is_extern_kernel, node_kind
 
 
@@ -52,11 +53,12 @@ class Timeline:
 # an output, feeding a kernel that reads memory (a matmul, an extern or fallback op), or, with several
 # consumers, reading many buffers or computing much (each consumer would redo it).
 _INLINED_KINDS = ("pointwise", "view", "getitem")
-_INDEXING_OPS = {"embedding", "gather", "index", "iota", "arange"}  # lowered to loads a loop body inlines
+# Lowered to loads and index arithmetic that a loop body inlines (the max-pool gradient's indices among them).
+_INDEXING_OPS = {"embedding", "gather", "index", "iota", "arange", "_low_memory_max_pool_offsets_to_indices"}
 # Inductor's scheduler then fuses kernels across the graph: the fused walk runs each graph in the order of
-# fxmem.schedule's model of it, and counts graph memory 16/15. On twelve steps traced on an H200 (torch
-# 2.11; GPT small, GPT-2 small, ResNet-18, ViT small) that model alone was 0.3-4.1% under the measured
-# peak; with 16/15 it was above every one, by 0.5-5.2%, so that an absolute budget holds there.
+# fxmem.schedule's model of it, and counts graph memory 16/15. On 17 steps traced on an H200 (torch 2.11,
+# 2026-11-29; GPT small, GPT-2 small, ResNet-18, ViT small) that model alone was 4.3% under to 0.6% over
+# the measured peak; with 16/15 it was above every one, by 0.0-6.2%, so that an absolute budget holds there.
 _FUSED_ALLOWANCE = (16, 15)
 # On the CPU, a reused result of these is stored (Inductor's StorageBox.should_realize_on_reuse).
 _CPU_HEAVY_OPS = {"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"}
@@ -191,19 +193,28 @@ def _walk(
         if buffer_pool and key not in memory.sizes:
             deaths.append((position, pool_keys[key]))
 
+    def take(node: fx.Node, position: int) -> None:
+        val = node.meta.get("val")
+        key = keys[node] = _aliased_key(node, keys) or storage_key(val)
+        if key is None or key in static_keys:
+            return
+        if node in stored or key in memory.sizes or (fused and is_result_item(node)):
+            if buffer_pool and key not in memory.sizes:
+                pool_keys[key] = (getattr(val, "dtype", None), storage_bytes(val))  # a view may return a list
+                if node.op != "placeholder":
+                    allocations.append((position, pool_keys[key]))
+            memory.hold(key, storage_bytes(val))
+            held[node] = key
+
     for i, node in enumerate(nodes):
         if node.op == "output":
             break
-        val = node.meta.get("val")
-        key = keys[node] = _aliased_key(node, keys) or storage_key(val)
-        if key is not None and key not in static_keys:
-            if node in stored or key in memory.sizes:
-                if buffer_pool and key not in memory.sizes:
-                    pool_keys[key] = (getattr(val, "dtype", None), storage_bytes(val))  # a view may return a list
-                    if node.op != "placeholder":
-                        allocations.append((i, pool_keys[key]))
-                memory.hold(key, storage_bytes(val))
-                held[node] = key
+        if node not in keys:
+            take(node, i)
+        # Fused, an op of several results allocates them all while its inputs are alive; each is freed
+        # after its own last reader.
+        for item in result_items(node) if fused else ():
+            take(item, i)
         # Inputs are all live on entry: one point once the first op runs. Unfused, an op's result is
         # allocated while the inputs it is the last reader of are still alive: the point is taken then.
         # Fused, so is an out-of-place kernel's; a loop kernel's is taken once they are freed, since

@@ -201,8 +201,8 @@ def test_saved_inputs_are_the_inputs_not_channels_last_copies(dtype, budget, ind
 
 def test_modelled_fusion_moves_a_consumer_up_to_its_producer_with_what_it_needs():
     """In the scheduler model (``fxmem.schedule``), ``g`` reads ``h``'s buffer and joins its kernel
-    (vertical fusion), taking the matmul it needs, ``m2``, along before ``m``; ``g2`` needs ``m``, which
-    needs ``h``: joining would make a cycle, so it stays after ``m``."""
+    (vertical fusion): the fused kernel runs after the matmul ``g`` needs, ``m2``, and before ``m``; ``g2``
+    needs ``m``, which needs ``h``: joining would make a cycle, so it stays after ``m``."""
 
     def f(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = x.cos()
@@ -219,7 +219,7 @@ def test_modelled_fusion_moves_a_consumer_up_to_its_producer_with_what_it_needs(
     assert names.index("exp") > names.index("mm") and names.index("mm_1") > names.index("mm")
     order = [n.name for n in fused_schedule(gm, stored)]
     assert sorted(order) == sorted(names) and order[-1] == "output"
-    assert order.index("cos") < order.index("mm_1") < order.index("exp") < order.index("mm")
+    assert order.index("mm_1") < order.index("cos") < order.index("exp") < order.index("mm")
     assert order.index("exp_1") > order.index("mm")
     timeline = Timeline()  # the fused walk runs the graph in the model's order
     _walk(gm, _Memory(0), "forward", set(), set(), True, timeline)
