@@ -1,14 +1,14 @@
 """The memory simulator: live bytes over the forward and the backward as they will run.
 
 It walks the forward graph, then the backward, allocating each node's storage when the node runs and
-freeing it after its last reader (a view shares its base's storage). What the forward saves stays live
-into the backward; gradients stay live to the end; parameters and buffers are a constant floor.
-With ``fused=True`` it follows Inductor: only the nodes Inductor writes to memory hold any (most
-pointwise and view nodes are computed inside the kernels that read them), kernels run in the order of a
-model of Inductor's scheduler fusion and reordering (``fxmem.schedule``, ``fxmem.reorder``), an op of
-several results holds them all from the op on, an input an inlined node reads stays live until the last
-kernel that computes it, the graph's memory gets an allowance for what that model misses, and a dead
-buffer waits for the next allocation of its size as in Inductor's buffer pool.
+freeing it after its last reader (a view shares its base's storage; an op of several results allocates
+them all). What the forward saves stays live into the backward; gradients stay live to the end;
+parameters and buffers are a constant floor. With ``fused=True`` it follows Inductor: only the nodes
+Inductor writes to memory hold any (most pointwise and view nodes are computed inside the kernels that
+read them), kernels run in the order of a model of Inductor's scheduler fusion and reordering
+(``fxmem.schedule``, ``fxmem.reorder``), an input an inlined node reads stays live until the last kernel
+that computes it, the graph's memory gets an allowance for what that model misses, and a dead buffer
+waits for the next allocation of its size as in Inductor's buffer pool.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def _walk(
         key = keys[node] = _aliased_key(node, keys) or storage_key(val)
         if key is None or key in static_keys:
             return
-        if node in stored or key in memory.sizes or (fused and is_result_item(node)):
+        if node in stored or key in memory.sizes or is_result_item(node):
             if buffer_pool and key not in memory.sizes:
                 pool_keys[key] = (getattr(val, "dtype", None), storage_bytes(val))  # a view may return a list
                 if node.op != "placeholder":
@@ -211,9 +211,9 @@ def _walk(
             break
         if node not in keys:
             take(node, i)
-        # Fused, an op of several results allocates them all while its inputs are alive; each is freed
-        # after its own last reader.
-        for item in result_items(node) if fused else ():
+        # An op of several results allocates them all while its inputs are alive; each is freed after its
+        # own last reader (fused, though the kernels that read an item compute it inline).
+        for item in result_items(node):
             take(item, i)
         # Inputs are all live on entry: one point once the first op runs. Unfused, an op's result is
         # allocated while the inputs it is the last reader of are still alive: the point is taken then.
