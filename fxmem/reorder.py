@@ -115,14 +115,15 @@ def _bytes(node: fx.Node) -> int:
     return sum(_bytes(i) for i in items) if items else storage_bytes(node.meta.get("val"))
 
 
-def reorder_for_peak_memory(graph: KernelGraph) -> list[int] | None:
+def reorder_for_peak_memory(graph: KernelGraph, *, reorder: bool = True) -> list[int] | None:
     """The groups' indices in the order Inductor runs them: of the scheduler's own order (the kernels in
     index order, each after what it needs) and the three others, the one with the lowest estimated peak,
-    the first on a tie. ``None`` if the kernels need each other (a fusion Inductor would not make)."""
+    the first on a tie; the scheduler's own without ``reorder``. ``None`` if the kernels need each other
+    (a fusion Inductor would not make)."""
     own = _own_order(graph)
     if own is None:
         return None
-    orders = [own, _least_peak_first(graph), _breadth_first(graph), _depth_first(graph)]
+    orders = [own, _least_peak_first(graph), _breadth_first(graph), _depth_first(graph)] if reorder else [own]
     best = min(orders, key=lambda order: estimate_peak(graph, order))
     return [graph.group_of[k] for k in best if graph.group_of[k] is not None]
 

@@ -85,7 +85,13 @@ class _Group:
     buffers: set[fx.Node] = field(default_factory=set)  # what its kernels read and write
 
 
-def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
+def unreordered_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
+    """The fusion model's order without Inductor's reordering for peak memory (``fxmem.bench.replay``
+    compares them)."""
+    return fused_schedule(gm, stored, reorder=False)
+
+
+def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node], *, reorder: bool = True) -> list[fx.Node]:
     """``gm``'s nodes in the order the modelled scheduler runs them; ``stored``: the nodes it writes."""
     nodes = list(gm.graph.nodes)
     reads: dict[fx.Node, set[fx.Node]] = {}  # the written buffers a node reads, through inlined nodes
@@ -127,7 +133,8 @@ def fused_schedule(gm: fx.GraphModule, stored: set[fx.Node]) -> list[fx.Node]:
         group.members.append(kernel)
         group.mask |= 1 << index[kernel]
         group.buffers |= touched
-    chosen = reorder_for_peak_memory(kernel_graph(gm, [g.members for g in groups], stored, is_extern_kernel))
+    graph = kernel_graph(gm, [g.members for g in groups], stored, is_extern_kernel)
+    chosen = reorder_for_peak_memory(graph, reorder=reorder)
     if chosen is not None:
         groups = [groups[i] for i in chosen]
     order: list[fx.Node] = []

@@ -6,7 +6,8 @@
 For each trace of a one-graph step (``fxmem.bench.trace``), the plan the step ran is rebuilt on fake
 tensors and simulated again: in the graph's order with no allowance and with 7/6 on graph memory (how
 fxmem planned before 2026-11-28), in the order of the model of Inductor's scheduler fusion
-(``fxmem.schedule``) with no allowance, and as fxmem plans (that model, with the allowance that
+(``fxmem.schedule``) with no allowance, without and with Inductor's reordering for peak memory
+(``fxmem.reorder``, since 2026-11-30), and as fxmem plans (that model, with the allowance that
 ``fxmem.simulate`` uses). Each prediction is set against the peak the step allocated; the table shows
 the error in %. With ``--kernels``, it shows where: each generated kernel's measured bytes beside the
 prediction there (``fxmem.bench.kernels``).
@@ -22,12 +23,14 @@ from typing import Any
 
 __all__ = ["VARIANTS", "replay"]
 
-# (name, graph-memory allowance or None for fxmem's own, whether to run the scheduler fusion model)
-VARIANTS: tuple[tuple[str, tuple[int, int] | None, bool], ...] = (
-    ("walk", (1, 1), False),
-    ("walk, 7/6", (7, 6), False),
-    ("fusion", (1, 1), True),
-    ("fxmem", None, True),
+# (name, graph-memory allowance or None for fxmem's own, the order to walk each graph in: the graph's,
+# the fusion model's without the reordering, or fxmem's)
+VARIANTS: tuple[tuple[str, tuple[int, int] | None, str], ...] = (
+    ("walk", (1, 1), "graph"),
+    ("walk, 7/6", (7, 6), "graph"),
+    ("fusion, no reorder", (1, 1), "unreordered"),
+    ("fusion", (1, 1), "fxmem"),
+    ("fxmem", None, "fxmem"),
 )
 
 
@@ -35,8 +38,10 @@ def replay(trace: dict[str, Any]) -> dict[str, Any]:
     """``{"label", "measured", "recorded", "predicted": {variant: bytes}}`` for one trace, or with
     ``"skipped"`` (why) instead of predictions."""
     from fxmem.bench.trace import load_simulation, ran_simulation
-    from fxmem.schedule import graph_order
+    from fxmem.schedule import graph_order, unreordered_schedule
     from fxmem.simulate import simulate
+
+    schedules = {"graph": graph_order, "unreordered": unreordered_schedule}
 
     row: dict[str, Any] = {"label": trace.get("label"), "measured": trace.get("peak_bytes")}
     graphs = trace.get("graphs", [])
@@ -48,10 +53,10 @@ def replay(trace: dict[str, Any]) -> dict[str, Any]:
         return {**row, "skipped": "the plan the step ran was not recorded"}
     fw, bw, kwargs = load_simulation(chosen)
     row["predicted"] = {}
-    for name, allowance, fusion in VARIANTS:
+    for name, allowance, order in VARIANTS:
         options: dict[str, Any] = {} if allowance is None else {"allowance": allowance}
-        if not fusion:
-            options["schedule"] = graph_order
+        if order in schedules:
+            options["schedule"] = schedules[order]
         row["predicted"][name] = simulate(fw, bw, **kwargs, **options).peak_bytes
     return row
 
