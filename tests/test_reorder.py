@@ -44,6 +44,11 @@ def _graph_of(gm):
     return kernel_graph(gm, [[k] for k in kernels], stored, is_extern_kernel), kernels
 
 
+def _names(graph, kernels, order):
+    """The stored nodes in the order of ``order``'s kernels (items left out)."""
+    return [kernels[graph.group_of[k]].name for k in order if graph.group_of[k] is not None]
+
+
 def test_each_result_of_a_fallback_is_a_kernel_that_frees_it_on_its_own():
     """``convolution_backward`` allocates all its results; each item is a kernel of its own that writes
     nothing (Inductor's MultiOutput), so that the input gradient is freed apart from the weight's."""
@@ -64,9 +69,7 @@ def test_depth_first_runs_what_only_the_output_reads_last_and_is_taken_when_esti
     estimate at the second convolution's gradient. The scheduler's own order casts each one right away."""
     gm = _traced_gradients()
     graph, kernels = _graph_of(gm)
-    own = _own_order(graph)
-    names = lambda order: [kernels[graph.group_of[k]].name for k in order if graph.group_of[k] is not None]  # noqa: E731
-    own, deep = names(_own_order(graph)), names(_depth_first(graph))
+    own, deep = _names(graph, kernels, _own_order(graph)), _names(graph, kernels, _depth_first(graph))
     assert own.index("convert_element_type") < own.index("convolution_backward_1")
     assert deep[-2:] == ["convert_element_type", "convert_element_type_1"]
     assert estimate_peak(graph, _depth_first(graph)) < estimate_peak(graph, _own_order(graph))
@@ -103,7 +106,7 @@ def test_least_peak_first_defers_a_kernel_that_only_allocates():
 
     gm = make_fx(f, tracing_mode="fake")(torch.ones(1024, dtype=torch.bfloat16), torch.ones(4096))
     graph, kernels = _graph_of(gm)
-    order = [kernels[graph.group_of[k]].name for k in _least_peak_first(graph)]
+    order = _names(graph, kernels, _least_peak_first(graph))
     assert order[0] == "sum_1" and order[-1] == "convert_element_type"
 
 
