@@ -85,11 +85,12 @@ def main() -> None:
             f"{row['step_ms']:>9.2f} {row['loss']:>11.4f}"
         )
     print(
-        "\nWith no budget fxmem holds the fewest bytes whose recomputation it estimates at no more than about\n"
-        "2% of the step; a fractional budget is of what torch.compile's default holds, and fxmem recomputes\n"
-        "as little as that allows (so a budget above the lossless plan's share holds more than it). int8\n"
-        "storage is lossy, within the error bounds in docs/quantization.md. The first step compiles and is\n"
-        "left out of the step time; on the CPU, step times of a tiny model are mostly noise."
+        "\nWith no budget fxmem recomputes what it estimates at no more than about 2% of the step, holding the\n"
+        "fewest bytes that allows (under Inductor, more where that lowers the predicted peak). A fractional\n"
+        "budget caps what fxmem holds at that share of torch.compile's default: where the plan made with no\n"
+        "budget fits, fxmem takes it, and otherwise recomputes as little as the budget allows. int8 storage\n"
+        "is lossy, within the error bounds in docs/quantization.md. The first step compiles and is left out\n"
+        "of the step time; on the CPU, step times of a tiny model are mostly noise."
     )
 
 
