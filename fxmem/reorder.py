@@ -115,16 +115,28 @@ def _bytes(node: fx.Node) -> int:
     return sum(_bytes(i) for i in items) if items else storage_bytes(node.meta.get("val"))
 
 
+# Another order is taken only where estimated this much lower than the scheduler's own. Inductor takes any
+# lower one, but by its own estimate, on its own kernels: where the two estimates are that close, they may
+# rank the orders differently, and the scheduler's own order, the higher peak, is the safer prediction.
+# (ResNet-18's backward on an H200: depth first estimated 4.5% lower here, and run by Inductor.)
+_REORDER_MARGIN = 0.02
+
+
 def reorder_for_peak_memory(graph: KernelGraph, *, reorder: bool = True) -> list[int] | None:
     """The groups' indices in the order Inductor runs them: of the scheduler's own order (the kernels in
-    index order, each after what it needs) and the three others, the one with the lowest estimated peak,
-    the first on a tie; the scheduler's own without ``reorder``. ``None`` if the kernels need each other
-    (a fusion Inductor would not make)."""
+    index order, each after what it needs) and the three others, the one with the lowest estimated peak
+    where it is lower than the scheduler's own by ``_REORDER_MARGIN``, the first on a tie; the scheduler's
+    own without ``reorder``. ``None`` if the kernels need each other (a fusion Inductor would not make)."""
     own = _own_order(graph)
     if own is None:
         return None
-    orders = [own, _least_peak_first(graph), _breadth_first(graph), _depth_first(graph)] if reorder else [own]
-    best = min(orders, key=lambda order: estimate_peak(graph, order))
+    best = own
+    if reorder:
+        others = [_least_peak_first(graph), _breadth_first(graph), _depth_first(graph)]
+        estimates = [estimate_peak(graph, order) for order in others]
+        lowest = min(range(len(others)), key=estimates.__getitem__)
+        if estimates[lowest] < (1 - _REORDER_MARGIN) * estimate_peak(graph, own):
+            best = others[lowest]
     return [graph.group_of[k] for k in best if graph.group_of[k] is not None]
 
 
