@@ -83,12 +83,12 @@ def kernel_graph(
     writes: list[list[fx.Node]] = []
     kernel_reads: list[set[fx.Node]] = []
     for index, members in enumerate(groups):
-        own = [m for m in members if storage_node(m) is m and not is_result_item(m)]
-        written = [b for m in own for b in (result_items(m) if result_items(m) and not extern(m) else [m])]
+        items = {m: result_items(m) for m in members if storage_node(m) is m and not is_result_item(m)}
+        written = [b for m, taken in items.items() for b in (taken if taken and not extern(m) else [m])]
         group_of.append(index)
         writes.append(written)
         kernel_reads.append(set().union(*(reads[m] for m in members)) - set(written))
-        for item in (i for m in own if extern(m) for i in result_items(m)):
+        for item in (i for m, taken in items.items() if extern(m) for i in taken):
             group_of.append(None)
             writes.append([item])
             kernel_reads.append({item.args[0]})

@@ -148,9 +148,8 @@ def _loop(node: fx.Node) -> tuple[int, int]:
     """(numel, rnumel) at the traced sizes (no guard on a dynamic one): a reduction's output elements and
     how many it reduces into each; a loop kernel's output elements and 1."""
     out = node.meta.get("val")
-    if not isinstance(out, torch.Tensor):  # several results (var_mean): those its getitems take
-        taken = [u.meta.get("val") for u in node.users if u.target is operator.getitem]
-        out = next((v for v in taken if isinstance(v, torch.Tensor)), None)
+    if not isinstance(out, torch.Tensor):  # several results (var_mean): those its items take
+        out = next((item.meta["val"] for item in result_items(node)), None)
     numel = _compat.hint(out.numel()) if isinstance(out, torch.Tensor) else 1
     if node_kind(node) == "reduction" and numel:
         inputs = [a.meta.get("val") for a in node.all_input_nodes]
