@@ -51,6 +51,8 @@ class KernelGraph:
     readers: dict[fx.Node, list[int]] = field(default_factory=dict)
     producer: dict[fx.Node, int] = field(default_factory=dict)
     sizes: list[int] = field(default_factory=list)  # bytes each kernel allocates
+    _preds: list[set[int]] = field(default_factory=list)  # the kernels each kernel needs, and needed by
+    _succs: list[set[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for kernel, written in enumerate(self.writes):
@@ -59,12 +61,15 @@ class KernelGraph:
         for kernel, read in enumerate(self.reads):
             for buffer in read:
                 self.readers.setdefault(buffer, []).append(kernel)
+        # (each of the four orders walks them: computed once)
+        self._preds = [{self.producer[b] for b in read if b in self.producer} for read in self.reads]
+        self._succs = [{r for b in written for r in self.readers.get(b, ())} for written in self.writes]
 
     def preds(self, kernel: int) -> set[int]:
-        return {self.producer[b] for b in self.reads[kernel] if b in self.producer}
+        return self._preds[kernel]
 
     def succs(self, kernel: int) -> set[int]:
-        return {r for b in self.writes[kernel] for r in self.readers.get(b, ())}
+        return self._succs[kernel]
 
 
 def kernel_graph(
