@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+import fxmem
 import models.gpt
 import models.mlp
 import models.resnet
@@ -143,3 +144,39 @@ def planned_reports(backend: Any, count: int) -> list[Any]:
     assert len(reports) == count, [r.summary() for r in reports]
     assert all(r.fallback_reason is None for r in reports), [r.fallback_reason for r in reports]
     return reports
+
+
+def fresh_step(
+    make: Callable[[], torch.nn.Module], inputs: Sequence[Any], backend: Any, seed: int | None = None
+) -> tuple[list[torch.Tensor], int]:
+    """A fresh ``make()``'s gradients (dense) and saved bytes after one step with ``backend`` (eagerly when
+    None), from a reset Dynamo and the same initial weights each time."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    _, grads, saved = run_step(make(), inputs, backend, seed=seed)
+    return [g.to_dense() for g in grads], saved
+
+
+def assert_fractions_within_default(
+    make: Callable[[], torch.nn.Module],
+    inputs: Sequence[Any],
+    *,
+    budgets: Sequence[float] = (0.7, 0.4, 0.1),
+    slack: float = 0.02,
+    grad_tol: float = 1e-5,
+    seed: int | None = None,
+) -> None:
+    """With ``codegen="eager"`` and each fractional budget B in turn, fxmem plans ``make()`` without a
+    fallback, saves at most (B + ``slack``) x what torch.compile's default (Inductor) saves, no more than
+    at the larger budget before, with gradients within ``grad_tol`` of eager's (``rel_err``)."""
+    grads_ref, _ = fresh_step(make, inputs, None, seed)
+    _, default = fresh_step(make, inputs, "inductor", seed)
+    previous = None
+    for budget in budgets:
+        backend = fxmem.backend(memory_budget=budget, codegen="eager", quantize="none")
+        grads, saved = fresh_step(make, inputs, backend, seed)
+        assert all(r.fallback_reason is None for r in backend.reports)
+        assert saved <= (budget + slack) * default, (budget, saved, default)
+        assert previous is None or saved <= previous, (budget, saved, previous)
+        assert rel_err(grads, grads_ref) <= grad_tol, budget
+        previous = saved
