@@ -25,7 +25,6 @@ whatever runs next, and fxmem's pass, which pauses the collector, collects its o
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import importlib
 import json
@@ -44,7 +43,7 @@ from bench.budget_arg import budget_text, fraction_or_none  # noqa: E402
 from fxmem import _compat  # noqa: E402
 from fxmem.bench.measure import joint_graphs  # noqa: E402
 from fxmem.config import FxmemConfig  # noqa: E402
-from fxmem.partitioner import FxmemPartitioner  # noqa: E402
+from fxmem.partitioner import FxmemPartitioner, deepcopy_graph_module  # noqa: E402
 
 
 def capture_joint(spec: str) -> tuple[Any, list, dict]:
@@ -75,7 +74,7 @@ def _median_s(repeats: int, fn: Callable[..., None], gm: Any, *args: Any) -> tup
     totals, collections = [], []
     for _ in range(repeats):
         with _compat.lazy_graph_modules():  # as inside torch.compile: modules generate code only when run
-            fresh = copy.deepcopy(gm)
+            fresh = deepcopy_graph_module(gm)
             gc.collect()
             gc.disable()
             try:

@@ -98,10 +98,15 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
         )
         if isinstance(value, torch.Tensor)
     )
-    shared: dict[int, Any] = {id(t): t for t in tensors}
-    with warnings.catch_warnings():  # deep-copying the output's pytree spec warns on some torch versions
+    return deepcopy_graph_module(gm, {id(t): t for t in tensors})
+
+
+def deepcopy_graph_module(gm: fx.GraphModule, memo: dict[int, Any] | None = None) -> fx.GraphModule:
+    """``copy.deepcopy(gm, memo)``, without the FutureWarning some torch versions give on copying the
+    output's pytree spec (torch's own deprecation, nothing the caller can change)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(gm, shared)
+        return copy.deepcopy(gm, memo)
 
 
 @dataclass

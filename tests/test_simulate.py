@@ -304,13 +304,11 @@ def test_the_buffer_pool_raises_the_timeline_before_the_peak_not_the_peak():
 def test_a_view_that_returns_a_list_is_walked_with_the_pool():
     """Bicubic upsampling decomposes into ``unbind``, a view whose value is a list, which the fused walk
     may hold: the plan is made, not dropped for PyTorch's partitioner."""
-    import copy
-
     import torch.nn.functional as F
 
     from fxmem.bench.measure import joint_graphs
     from fxmem.config import FxmemConfig
-    from fxmem.partitioner import FxmemPartitioner
+    from fxmem.partitioner import FxmemPartitioner, deepcopy_graph_module
 
     class Upsample(torch.nn.Module):
         def __init__(self) -> None:
@@ -326,5 +324,5 @@ def test_a_view_that_returns_a_list_is_walked_with_the_pool():
     partitioner = FxmemPartitioner(FxmemConfig(memory_budget=0.4, codegen="inductor"))
     reports: list = []
     partitioner.on_report = reports.append
-    partitioner(copy.deepcopy(gm), joint_inputs, **kwargs)
+    partitioner(deepcopy_graph_module(gm), joint_inputs, **kwargs)
     assert [r.fallback_reason for r in reports] == [None]

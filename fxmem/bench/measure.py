@@ -138,11 +138,10 @@ def joint_graphs(model: Any, inputs: Any, *, run: bool = True) -> list[tuple[Any
     fake tensors): a full-size model on the CPU costs its weights and the tracing, not a step. Use it
     rather than the ``meta`` device, on which PyTorch traces ``nll_loss`` (so ``cross_entropy``) without
     its backward: the joint graph then computes no gradient."""
-    import copy
-
     import torch
 
     from fxmem import _compat
+    from fxmem.partitioner import deepcopy_graph_module
 
     captured: list[tuple[Any, list, dict]] = []
 
@@ -150,7 +149,7 @@ def joint_graphs(model: Any, inputs: Any, *, run: bool = True) -> list[tuple[Any
         # Outside the fake mode the partitioner runs in: under it, copying a real tensor constant of the
         # graph would make its copy a fake one, on the meta device, which fails.
         with _compat.unset_fake_temporarily():
-            captured.append((copy.deepcopy(gm), list(joint_inputs), dict(kwargs)))
+            captured.append((deepcopy_graph_module(gm), list(joint_inputs), dict(kwargs)))
         if not run:
             raise _Captured
         return _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
