@@ -180,3 +180,24 @@ def assert_fractions_within_default(
         assert previous is None or saved <= previous, (budget, saved, previous)
         assert rel_err(grads, grads_ref) <= grad_tol, budget
         previous = saved
+
+
+def assert_planned_within(
+    budget: float,
+    make: Callable[[], torch.nn.Module],
+    inputs: Sequence[Any],
+    *,
+    codegen: str = "eager",
+    slack: float = 0.02,
+    grad_tol: float = 1e-5,
+) -> None:
+    """fxmem plans ``make()``'s one graph at ``budget`` with ``codegen`` (no fallback), saves the bytes it
+    predicts and at most (budget + ``slack``) x torch.compile's default, with eager's gradients."""
+    grads_ref, _ = fresh_step(make, inputs, None)
+    _, default = fresh_step(make, inputs, "inductor")
+    backend = fxmem.backend(memory_budget=budget, codegen=codegen, quantize="none")
+    grads, saved = fresh_step(make, inputs, backend)
+    (report,) = backend.reports
+    assert report.fallback_reason is None
+    assert saved == report.predicted_saved_bytes <= (budget + slack) * default
+    assert rel_err(grads, grads_ref) <= grad_tol

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
 import fxmem
-from tests.helpers import assert_fractions_within_default, fresh_step, rel_err
+from tests.helpers import assert_fractions_within_default, assert_planned_within, fresh_step, rel_err
 
 SLACK = 0.02  # the issue's allowance over B x the default
 GRAD_TOL = 1e-5  # decomposed ops round differently from eager's fused kernels
@@ -299,19 +299,6 @@ def _step(name: str, backend) -> tuple[list[torch.Tensor], int]:
     return fresh_step(MODELS[name], _inputs(name), backend, seed=1)  # seed: the VAE's noise
 
 
-def _assert_planned_within(budget: float, make, inputs: tuple[torch.Tensor, ...]) -> None:
-    """fxmem plans ``make()``'s one graph (no fallback), saves what it predicts and at most (budget + SLACK)
-    x the default, with eager's gradients."""
-    grads_ref, _ = fresh_step(make, inputs, None)
-    _, default = fresh_step(make, inputs, "inductor")
-    backend = fxmem.backend(memory_budget=budget, codegen="eager", quantize="none")
-    grads, saved = fresh_step(make, inputs, backend)
-    (report,) = backend.reports
-    assert report.fallback_reason is None
-    assert saved == report.predicted_saved_bytes <= (budget + SLACK) * default
-    assert rel_err(grads, grads_ref) <= GRAD_TOL
-
-
 # Inductor before 2.13 saves the attention's per-head queries, keys and values each as a buffer of its
 # own; the joint graph (and Inductor 2.13) saves views of the one projection they come from. fxmem's
 # reference counts that storage, 7% more than Inductor 2.11 was measured to save on this model, so at 0.4
@@ -366,7 +353,7 @@ def test_sparse_embedding_gradients_are_planned(budget):
     its indices and values. (It asked for the storage, and the graph fell back to PyTorch's partitioner.)"""
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randint(0, 100, (8, 6), generator=generator), torch.randint(0, 4, (8,), generator=generator))
-    _assert_planned_within(budget, SparseEmbedding, inputs)
+    assert_planned_within(budget, SparseEmbedding, inputs)
 
 
 class BagsOfEmbeddings(nn.Module):
@@ -396,7 +383,7 @@ def test_embedding_bag_outputs_count_what_their_kernel_allocates(budget):
         torch.randint(0, 30, (6,), generator=generator),
         torch.randint(0, 2, (6,), generator=generator),
     )
-    _assert_planned_within(budget, BagsOfEmbeddings, inputs)
+    assert_planned_within(budget, BagsOfEmbeddings, inputs)
 
 
 class CayleyOrthogonal(nn.Module):
@@ -422,7 +409,7 @@ def test_static_inputs_are_found_behind_an_effect_token(budget):
     4,804 bytes at 0.7 where it predicted 2,756 (the batch's 2,048 bytes)."""
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randn(32, 16, generator=generator), torch.randint(0, 3, (32,), generator=generator))
-    _assert_planned_within(budget, CayleyOrthogonal, inputs)
+    assert_planned_within(budget, CayleyOrthogonal, inputs)
 
 
 class ChannelSplit(nn.Module):

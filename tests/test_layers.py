@@ -2,7 +2,7 @@
 instance norm, PReLU, average pooling, 1-d batch norm, dilated 1-d convolution, 1-d max pooling, GLU and
 adaptive average pooling. As ``tests/test_architectures.py`` checks its models: saved bytes within
 (B + 0.02) x torch.compile's default and falling with B, gradients within 1e-5 of eager's (CPU, eager
-codegen)."""
+codegen); and under Inductor's codegen at one budget, the saved bytes fxmem predicts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.helpers import assert_fractions_within_default
+from tests.helpers import assert_fractions_within_default, assert_planned_within
 
 
 class ImageGenerator(nn.Module):
@@ -82,3 +82,13 @@ def test_fractional_budgets_against_torch_compile_default(name):
     make, shape = MODELS[name]
     inputs = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)),)
     assert_fractions_within_default(make, inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_under_inductor_the_plan_saves_what_it_predicts(name, inductor_cache):
+    """With Inductor's codegen (the default) at 0.4: the forward saves the bytes fxmem predicted (a
+    transposed convolution's or a 1-d convolution's saved layout included), at most 0.42x the default."""
+    make, shape = MODELS[name]
+    inputs = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)),)
+    assert_planned_within(0.4, make, inputs, codegen="inductor")
