@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fxmem import _compat
-from fxmem.capture import JointGraph, NodeFacts
+from fxmem.capture import JointGraph, NodeFacts, op_name
 from fxmem.config import FxmemConfig
 from fxmem.cost import CostModel
 from fxmem.quant import IntegerQuantizer, Quantizer, get_quantizer, pack_bool, packed_bool_bytes, unpack_bool
@@ -38,7 +38,7 @@ class PlanningInputs:
     step_s: float  # estimated time of a training step on the profile
     # (node, format) pairs whose codec keeps signs exactly (ReLU outputs in integer formats).
     sign_kept: set[tuple[str, str]] = field(default_factory=set)
-    # Comparisons, indices and steps kept exact (see ``keep_thresholds_exact``): never recomputed.
+    # Comparisons, indices and steps kept exact (see ``keep_comparisons_exact``): never recomputed.
     exact: set[str] = field(default_factory=set)
 
 
@@ -173,6 +173,92 @@ def without_budget(inputs: PlanningInputs) -> Iterator[Problem]:
         yield problem
     finally:
         problem.budget_bytes, problem.max_added_s = kept
+
+
+def keep_comparisons_exact(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> bool:
+    """Forbid recomputing the comparisons ``plan`` would make inexact (``keep_thresholds_exact``,
+    ``keep_equalities_consistent``). Returns whether any was: the problem then needs solving again."""
+    found = keep_thresholds_exact(joint, plan, inputs)
+    return keep_equalities_consistent(joint, plan, inputs) or found
+
+
+def keep_equalities_consistent(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> bool:
+    """Make consistent the comparisons of two floating tensors (``x == amax(x)`` in the backward of a
+    max, or of ``scatter_reduce``'s "amax") that ``plan`` recomputes from one side recomputed through
+    arithmetic and one taken from the forward. A recomputed matmul or fused kernel need not round as the
+    forward's did, so no element may equal the max any more, and the backward divides by that count: NaN
+    gradients (a message-passing net's ``scatter_reduce`` under Inductor at budget 0.1, on 2 CPU threads).
+    The saved values the forward's side comes from are recomputed instead (the max, from the recomputed
+    ``x``: little time, fewer bytes); where one cannot be, the comparison is made in the forward (a bool,
+    a quarter of a float's bytes). Returns whether any option was forbidden."""
+    recomputed = set(plan.recomputed)
+    problem = inputs.problem
+    fresh: set[str] = set()  # recomputed values that may not round as the forward's did
+    moved: list[SolverNode] = []  # saved values this round has made recomputed
+    found = False
+    for node in joint.forward:  # topological: a node's inputs come first
+        if node.name not in recomputed:
+            continue
+        args = node.all_input_nodes
+        if node.target in _TENSOR_COMPARISONS and len(args) == 2 and all(_is_floating(joint, a) for a in args):
+            if (args[0].name in fresh) != (args[1].name in fresh):
+                sources = _saved_sources(args[1] if args[0].name in fresh else args[0], plan.saved, recomputed)
+                movable = [problem.by_name.get(n.name) for n in sources]
+                if not sources:  # the other side is made of graph inputs and constants (a threshold)
+                    pass
+                elif all(m is not None and m.can_recompute and (m.can_save or m in moved) for m in movable):
+                    for solver_node in movable:
+                        solver_node.can_save = False
+                        moved.append(solver_node)
+                    found = True
+                elif problem.by_name[node.name].can_save and problem.by_name[node.name].can_recompute:
+                    problem.by_name[node.name].can_recompute = False
+                    inputs.exact.add(node.name)
+                    found = True
+        if any(a.name in fresh for a in args) or not _reproduces(joint.facts[node].kind, op_name(node)):
+            fresh.add(node.name)
+    return found
+
+
+def _saved_sources(node: torch.fx.Node, saved: dict[str, str | None], recomputed: set[str]) -> list[torch.fx.Node]:
+    """The saved values, other than graph inputs, a recomputed ``node`` is computed from (itself, if
+    saved)."""
+    sources, seen, stack = [], set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.name in saved:
+            if current.op != "placeholder":
+                sources.append(current)
+        elif current.name in recomputed:
+            stack.extend(current.all_input_nodes)
+    return sources
+
+
+def _is_floating(joint: JointGraph, node: torch.fx.Node) -> bool:
+    facts = joint.facts.get(node)
+    return facts is not None and facts.tensor is not None and facts.tensor.dtype.is_floating_point
+
+
+def _reproduces(kind: str, name: str) -> bool:
+    """Whether an op gives the forward's bits again from the same inputs whatever kernel runs it: it
+    moves, selects or compares values without rounding."""
+    return kind in ("view", "getitem") or name in _EXACT_OPS
+
+
+_TENSOR_COMPARISONS = {
+    getattr(torch.ops.aten, op).Tensor for op in ("eq", "ne", "lt", "le", "gt", "ge")
+}  # fmt: skip
+_EXACT_OPS = frozenset({
+    "gather", "index", "index_select", "cat", "clone", "copy", "slice", "select", "expand", "permute",
+    "squeeze", "unsqueeze", "view", "reshape", "full", "zeros_like", "ones_like", "full_like", "scalar_tensor",
+    "where", "scatter", "constant_pad_nd", "amax", "amin", "max", "min", "maximum", "minimum", "relu", "abs",
+    "neg", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or", "bitwise_and",
+    "bitwise_or", "bitwise_not", "flip", "roll", "repeat", "alias", "lift_fresh_copy", "_to_copy",
+    "convert_element_type", "slice_scatter", "select_scatter",
+})  # fmt: skip
 
 
 def keep_thresholds_exact(joint: JointGraph, plan: Plan, inputs: PlanningInputs) -> bool:

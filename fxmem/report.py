@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fxmem")
 _REPORTS: list[GraphReport] = []
 BACKWARD_ONLY_REASON = "only the backward reads it: computed there instead of in the forward"
-EXACT_REASON = "a comparison, index or step, held: recomputing it from a quantized copy could flip it"
+EXACT_REASON = "a comparison, index or step, held: recomputed from a quantized or recomputed input, it could flip"
 SNAPSHOT_REASON = "the random generator's state before a draw: held so that the backward can replay the draw"
 
 
