@@ -386,6 +386,21 @@ def test_inductor_matches_eager_bitwise(name):
     assert out.stride() == x.stride()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["int8", "int4", "int2", "fp8"])
+def test_inductor_codes_are_eagers(name):
+    """The payload itself, compiled on its own as a plan's forward stores it: with the tail of a tensor of
+    several groups padded by ``torch.cat``, Inductor's CPU code wrote only the first group's int8 and fp8
+    codes and left the rest of the buffer unwritten (gradients 80-180% off, different each run)."""
+    q = get_quantizer(name)
+    for shape in [(16, 24), (3, 100)]:  # two groups of 256, the second one padded
+        torch._dynamo.reset()
+        x = torch.randn(shape)
+        fn = lambda t: q.quantize(t * 1.0)  # (a computed tensor, as a plan's are)
+        for got, expected in zip(torch.compile(fn, backend="inductor", fullgraph=True)(x), fn(x), strict=True):
+            assert torch.equal(got, expected), f"{name} {shape}"
+
+
 # --------------------------------------------------------------------------------------------------
 # CUDA (skipped without it): the code has nothing device-specific; payloads follow the input.
 

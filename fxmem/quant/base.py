@@ -194,13 +194,16 @@ def to_groups(x: Tensor, group_size: int) -> tuple[Tensor, Any]:
     """``x`` in logical order as fp32 of shape ``(num_groups, group_size)``, plus its numel.
 
     The tail is padded by repeating the last element rather than with zeros, so padding never widens
-    the last group's absmax or range (zeros would, for asymmetric groups).
+    the last group's absmax or range (zeros would, for asymmetric groups). It is padded by ``F.pad``'s
+    "replicate": with ``torch.cat`` of the last element, Inductor's CPU code (torch 2.11 and 2.13) wrote
+    only the first group's codes of a tensor of two or more groups whose size is not a multiple of the
+    group size, and the rest of the buffer was left as it was allocated.
     """
     flat = x.reshape(-1).to(torch.float32)
     n = flat.shape[0]
     pad = (-n) % group_size
     if not (isinstance(pad, int) and pad == 0):
-        flat = torch.cat([flat, flat[-1:].expand(pad)])
+        flat = F.pad(flat[None, None], (0, pad), mode="replicate")[0, 0]
     return flat.view((n + pad) // group_size, group_size), n
 
 
