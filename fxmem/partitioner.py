@@ -33,7 +33,8 @@ from fxmem.cost import get_cost_model, resolve_profile
 from fxmem.decompositions import KEPT_WHOLE
 from fxmem.memory import outside_graph_bytes, predicted_saved_bytes, read_by_backward, saved_bytes, static_vals
 from fxmem.peaks import climb, fit_peak
-from fxmem.planner import PlanningInputs, build_problem, keep_comparisons_exact, unbudgeted_added_s, without_budget
+from fxmem.planner import PlanningInputs, build_problem, unbudgeted_added_s, without_budget
+from fxmem.planner import solve_keeping_comparisons_exact as _solve
 from fxmem.report import GraphReport, record_report, tensor_rows
 from fxmem.rewrite import save_inputs_in_place, split
 from fxmem.rng import make_draws_replayable
@@ -311,13 +312,6 @@ def _attempt(
     )  # fmt: skip
     report.add_pass("rewrite", t, f"forward saves {len(saved)} tensors; {len(plan.recomputed)} nodes recomputed")
     return _Attempt(fw, bw, plan, inputs, joint, timeline)
-
-
-def _solve(solver: Callable[..., Plan], joint: JointGraph, inputs: PlanningInputs) -> Plan:
-    plan = solver(inputs.problem, formats=inputs.formats, bits=inputs.bits)
-    while keep_comparisons_exact(joint, plan, inputs):  # each round forbids more recomputation: it ends
-        plan = solver(inputs.problem, formats=inputs.formats, bits=inputs.bits)
-    return plan
 
 
 _UNBUDGETED = "the plan made with no budget"

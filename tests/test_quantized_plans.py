@@ -190,6 +190,38 @@ def test_inductor_stores_every_group_of_a_padded_tensor(quantize, budget, check,
     assert rel_err(grads, reference) <= check[1]
 
 
+class _Maxima(torch.nn.Module):
+    """Maxima, a median, an inf-norm, ``maximum`` and ``clamp`` with tensor bounds: comparisons whose inputs
+    the backward recomputes from the first layer's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = torch.nn.Linear(24, 48), torch.nn.Linear(48, 48), torch.nn.Linear(48, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        g = self.second(h)
+        z = torch.maximum(g, h) + torch.clamp(g, min=-h.abs().mean(-1, keepdim=True), max=h.abs() + 0.5)
+        norm = torch.linalg.vector_norm(g, float("inf"), -1).mean()
+        return self.head(z).logsumexp(-1).mean() + 0.1 * (g.max() + g.median() + norm)
+
+
+@pytest.mark.parametrize("budget", [0.4, 0.1])
+def test_allowing_int8_never_holds_more(budget):
+    """Stored in int8, the first layer's input made every comparison recomputed from it inexact, and
+    holding them all exact held 3882 bytes at 0.1, against 1536 with no lossy format allowed: the plan
+    without lossy formats is now solved as well, and the better one taken."""
+    x = torch.randn(16, 24, generator=torch.Generator().manual_seed(0))
+    held = {}
+    for quantize in ("none", "int8"):
+        torch._dynamo.reset()
+        backend = fxmem.backend(codegen="eager", quantize=quantize, memory_budget=budget)
+        report, grads, reference = _against_eager(_Maxima, (x,), backend)
+        held[quantize] = report.predicted_saved_bytes
+        assert rel_err(grads, reference) <= CASES[0][2][1]
+    assert held["int8"] <= held["none"]
+
+
 def test_relu_masks_recomputed_from_sign_keeping_int8():
     """A ReLU output stored in int8 keeps its signs, so its mask (a comparison with 0, through an alias)
     is still recomputed in the backward rather than saved."""
