@@ -95,9 +95,10 @@ class _AbsMLP(torch.nn.Module):
 
 def test_recomputation_never_flips_a_sign():
     """``abs``'s backward multiplies by ``sign`` of its input: recomputed from int8 inputs, signs near 0
-    flipped and the gradients were 14% off."""
+    flipped and the gradients were 14% off. (At 0.2: at 0.3 the plan without lossy formats takes no
+    more time, and is taken.)"""
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-    backend = fxmem.backend(codegen="eager", quantize="int8", memory_budget=0.3)
+    backend = fxmem.backend(codegen="eager", quantize="int8", memory_budget=0.2)
     report, grads, reference = _against_eager(_AbsMLP, (x,), backend)
     assert any(row.decision == "quantize" for row in report.rows)
     assert rel_err(grads, reference) <= 2e-2
