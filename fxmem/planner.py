@@ -241,7 +241,6 @@ def keep_equalities_consistent(joint: JointGraph, plan: Plan, inputs: PlanningIn
     ``x``: little time, fewer bytes); where one cannot be, the comparison is made in the forward (a bool,
     a quarter of a float's bytes). Returns whether any option was forbidden."""
     recomputed = set(plan.recomputed)
-    problem = inputs.problem
     fresh: set[str] = set()  # recomputed values that may not round as the forward's did
     moved: list[SolverNode] = []  # saved values this round has made recomputed
     found = False
@@ -251,22 +250,39 @@ def keep_equalities_consistent(joint: JointGraph, plan: Plan, inputs: PlanningIn
         args = node.all_input_nodes
         if node.target in _TENSOR_COMPARISONS and len(args) == 2 and all(_is_floating(joint, a) for a in args):
             if (args[0].name in fresh) != (args[1].name in fresh):
-                sources = _saved_sources(args[1] if args[0].name in fresh else args[0], plan.saved, recomputed)
-                movable = [problem.by_name.get(n.name) for n in sources]
-                if not sources:  # the other side is made of graph inputs and constants (a threshold)
-                    pass
-                elif all(m is not None and m.can_recompute and (m.can_save or m in moved) for m in movable):
-                    for solver_node in movable:
-                        solver_node.can_save = False
-                        moved.append(solver_node)
-                    found = True
-                elif problem.by_name[node.name].can_save and problem.by_name[node.name].can_recompute:
-                    problem.by_name[node.name].can_recompute = False
-                    inputs.exact.add(node.name)
-                    found = True
+                held_side = args[1] if args[0].name in fresh else args[0]
+                found = _recompute_held_side(node, held_side, plan, recomputed, inputs, moved) or found
         if any(a.name in fresh for a in args) or not _reproduces(joint.facts[node].kind, op_name(node)):
             fresh.add(node.name)
     return found
+
+
+def _recompute_held_side(
+    comparison: torch.fx.Node,
+    side: torch.fx.Node,
+    plan: Plan,
+    recomputed: set[str],
+    inputs: PlanningInputs,
+    moved: list[SolverNode],
+) -> bool:
+    """Have the held values ``side`` is computed from recomputed, or else ``comparison`` made in the
+    forward; nothing where ``side`` is made of graph inputs and constants (a threshold, as ``x > 0`` is).
+    Returns whether any option was forbidden."""
+    problem = inputs.problem
+    sources = [problem.by_name.get(n.name) for n in _saved_sources(side, plan.saved, recomputed)]
+    if not sources:
+        return False
+    if all(s is not None and s.can_recompute and (s.can_save or s in moved) for s in sources):
+        for solver_node in sources:
+            solver_node.can_save = False
+            moved.append(solver_node)
+        return True
+    own = problem.by_name[comparison.name]
+    if not (own.can_save and own.can_recompute):
+        return False
+    own.can_recompute = False
+    inputs.exact.add(comparison.name)
+    return True
 
 
 def _saved_sources(node: torch.fx.Node, saved: dict[str, str | None], recomputed: set[str]) -> list[torch.fx.Node]:
