@@ -185,13 +185,15 @@ def solve_keeping_comparisons_exact(solver: Callable[..., Plan], joint: JointGra
     0.144x without. So where a round forbade anything for a lossy copy, the plan without lossy formats
     is solved too, and the better of the two taken (feasible first; then the fewer bytes with no byte
     budget, the less added time within one; a tie to the lossless plan)."""
+    lossless = tuple(fmt for fmt in inputs.formats if fmt == BITMASK)
+    if lossless == inputs.formats:
+        return _solve_until_exact(solver, joint, inputs, lossless)[0]
     before = _options_of(inputs)
     plan, lossy_rounds = _solve_until_exact(solver, joint, inputs, inputs.formats)
     if not lossy_rounds:
         return plan
     after = _options_of(inputs)
     _restore_options(inputs, before)
-    lossless = tuple(fmt for fmt in inputs.formats if fmt == BITMASK)
     exact, _ = _solve_until_exact(solver, joint, inputs, lossless)
     if _no_worse(exact, plan, by_time=inputs.problem.budget_bytes is None):
         return exact
