@@ -279,11 +279,16 @@ def _recompute_held_side(
             solver_node.can_save = False
             moved.append(solver_node)
         return True
-    own = problem.by_name[comparison.name]
-    if not (own.can_save and own.can_recompute):
+    return _hold_exact(problem.by_name[comparison.name], inputs)
+
+
+def _hold_exact(solver_node: SolverNode, inputs: PlanningInputs) -> bool:
+    """Forbid recomputing ``solver_node``, where it can be held: it is then computed in the forward.
+    Returns whether it was (each round so forbids more, and the rounds end)."""
+    if not (solver_node.can_save and solver_node.can_recompute):
         return False
-    own.can_recompute = False
-    inputs.exact.add(comparison.name)
+    solver_node.can_recompute = False
+    inputs.exact.add(solver_node.name)
     return True
 
 
@@ -351,10 +356,8 @@ def keep_thresholds_exact(joint: JointGraph, plan: Plan, inputs: PlanningInputs)
         tensor = joint.facts[node].tensor
         solver_node = inputs.problem.by_name[node.name]
         stepwise = tensor is not None and (not tensor.dtype.is_floating_point or node.target in _STEP_FUNCTIONS)
-        if stepwise and solver_node.can_save and solver_node.can_recompute:  # (each round forbids more)
-            solver_node.can_recompute = False
-            inputs.exact.add(node.name)
-            found = True
+        if stepwise:
+            found = _hold_exact(solver_node, inputs) or found
     return found
 
 

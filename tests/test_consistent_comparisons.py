@@ -76,7 +76,7 @@ def _built(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return make(), inputs()
 
 
-def _after_a_matmul(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
+def _matmul_and_input_descendants(graph: fx.Graph) -> tuple[set[fx.Node], set[fx.Node]]:
     """The nodes of a backward graph computed from a matmul it computes itself (a recomputation), and those
     computed from its inputs at all (not constants)."""
     fresh: set[fx.Node] = set()
@@ -98,7 +98,7 @@ def test_a_max_and_its_input_come_from_the_same_computation(name, codegen):
     for budget in (None, 0.7, 0.4, 0.1):
         config = fxmem.FxmemConfig(memory_budget=budget, codegen=codegen, quantize="none")
         _, bw = FxmemPartitioner(config)(deepcopy_graph_module(gm), joint_inputs, **kwargs)
-        fresh, variable = _after_a_matmul(bw.graph)
+        fresh, variable = _matmul_and_input_descendants(bw.graph)
         for node in bw.graph.nodes:  # (a comparison with a constant is a threshold, as ``x > 0`` is)
             if node.target in _COMPARISONS and all(a in variable for a in node.args[:2]):
                 sides = [a in fresh for a in node.args[:2]]
